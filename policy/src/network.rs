@@ -1,0 +1,220 @@
+//! [`Network`]: one way out of this machine, as the scout sees it and the chooser ranks it.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of link a network is; restriction labels and default figures depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkKind {
+    /// A wired link: fast, steady, unmetered.
+    Ethernet,
+    /// Wi-Fi: fast but intermittent.
+    Wifi,
+    /// Cellular (LTE, 5G, a tethered phone): slower, steady, often metered.
+    Cellular,
+    /// Anything else (VPN tunnels, unknown devices).
+    Other,
+}
+
+impl NetworkKind {
+    /// A guess from an interface name, used when the config does not classify it.
+    pub fn guess(interface: &str) -> NetworkKind {
+        let name = interface.to_ascii_lowercase();
+        let starts = |prefixes: &[&str]| prefixes.iter().any(|p| name.starts_with(p));
+        if starts(&["wl", "wifi", "ath", "ra"]) {
+            NetworkKind::Wifi
+        } else if starts(&["ww", "rmnet", "cell", "lte", "usb", "ppp", "wwan"]) {
+            NetworkKind::Cellular
+        } else if starts(&["en", "eth", "em", "eno", "ens", "enp"]) {
+            NetworkKind::Ethernet
+        } else {
+            NetworkKind::Other
+        }
+    }
+
+    /// Figures assumed when neither the config nor the scout gives any: (down, up, RTT).
+    /// They only order networks of different kinds sensibly; declare real figures to do better.
+    pub fn default_figures(self) -> (u64, u64, Duration) {
+        match self {
+            NetworkKind::Ethernet => (1_000_000_000, 1_000_000_000, Duration::from_millis(2)),
+            NetworkKind::Wifi => (50_000_000, 20_000_000, Duration::from_millis(20)),
+            NetworkKind::Cellular => (10_000_000, 5_000_000, Duration::from_millis(60)),
+            NetworkKind::Other => (20_000_000, 20_000_000, Duration::from_millis(40)),
+        }
+    }
+
+    /// The name used in config and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkKind::Ethernet => "ethernet",
+            NetworkKind::Wifi => "wifi",
+            NetworkKind::Cellular => "cellular",
+            NetworkKind::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for NetworkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NetworkKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "ethernet" | "wired" => Ok(NetworkKind::Ethernet),
+            "wifi" | "wlan" => Ok(NetworkKind::Wifi),
+            "cellular" | "cell" | "lte" | "3g" => Ok(NetworkKind::Cellular),
+            "other" => Ok(NetworkKind::Other),
+            _ => Err(format!("unknown network kind {s:?} (expected ethernet, wifi, cellular or other)")),
+        }
+    }
+}
+
+/// Bandwidth and latency of a network: each figure is optional, and a missing one falls back to
+/// the other source or to the kind's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Downstream bandwidth in bits per second.
+    pub bandwidth_down: Option<u64>,
+    /// Upstream bandwidth in bits per second.
+    pub bandwidth_up: Option<u64>,
+    /// Round-trip time.
+    #[serde(with = "opt_duration_ms")]
+    pub rtt: Option<Duration>,
+}
+
+impl Figures {
+    /// Each figure of `self`, or `other`'s where `self` has none.
+    pub fn or(self, other: Figures) -> Figures {
+        Figures {
+            bandwidth_down: self.bandwidth_down.or(other.bandwidth_down),
+            bandwidth_up: self.bandwidth_up.or(other.bandwidth_up),
+            rtt: self.rtt.or(other.rtt),
+        }
+    }
+}
+
+/// One network: an interface that leads out, classified and described.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    /// The name users and config refer to (`wifi`, `cell`, or the interface name).
+    pub name: String,
+    /// The interface that carries it (`wlan0`).
+    pub interface: String,
+    /// The kernel's interface index (0 when unknown, as for emulated networks).
+    pub index: u32,
+    /// Its kind.
+    pub kind: NetworkKind,
+    /// Whether it can carry traffic now: admin up, carrier, a usable address, a route out.
+    pub up: bool,
+    /// Why it is down, when it is (`"no carrier"`, `"no default route"`), for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
+    /// Its usable addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Figures declared in the config.
+    pub declared: Figures,
+    /// Figures the scout measured; they win over declared ones.
+    #[serde(default)]
+    pub estimated: Figures,
+    /// Whether traffic on it costs money (policies may keep background traffic off it).
+    pub metered: bool,
+    /// Preference rank: lower is preferred when everything else is equal.
+    pub rank: u32,
+}
+
+impl Network {
+    /// A network that is up, with the kind's default figures; handy for tests and emulation.
+    pub fn new(name: &str, interface: &str, kind: NetworkKind) -> Network {
+        Network {
+            name: name.to_string(),
+            interface: interface.to_string(),
+            index: 0,
+            kind,
+            up: true,
+            down_reason: None,
+            addresses: Vec::new(),
+            declared: Figures::default(),
+            estimated: Figures::default(),
+            metered: false,
+            rank: 0,
+        }
+    }
+
+    /// The figures the chooser uses: estimates, else declared, else the kind's defaults.
+    pub fn figures(&self) -> (u64, u64, Duration) {
+        let (down, up, rtt) = self.kind.default_figures();
+        let f = self.estimated.or(self.declared);
+        (f.bandwidth_down.unwrap_or(down), f.bandwidth_up.unwrap_or(up), f.rtt.unwrap_or(rtt))
+    }
+
+    /// Downstream bandwidth in bits per second, as the chooser sees it.
+    pub fn bandwidth_down(&self) -> u64 {
+        self.figures().0
+    }
+
+    /// Upstream bandwidth in bits per second, as the chooser sees it.
+    pub fn bandwidth_up(&self) -> u64 {
+        self.figures().1
+    }
+
+    /// Round-trip time, as the chooser sees it.
+    pub fn rtt(&self) -> Duration {
+        self.figures().2
+    }
+}
+
+mod opt_duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_secs_f64() * 1000.0)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let ms: Option<f64> = Option::deserialize(d)?;
+        match ms {
+            Some(ms) if ms.is_finite() && ms >= 0.0 => Ok(Some(Duration::from_secs_f64(ms / 1000.0))),
+            Some(_) => Err(serde::de::Error::custom("rtt must be a finite number of milliseconds")),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_guess_from_interface_names() {
+        assert_eq!(NetworkKind::guess("wlan0"), NetworkKind::Wifi);
+        assert_eq!(NetworkKind::guess("wlp2s0"), NetworkKind::Wifi);
+        assert_eq!(NetworkKind::guess("wwan0"), NetworkKind::Cellular);
+        assert_eq!(NetworkKind::guess("enp3s0"), NetworkKind::Ethernet);
+        assert_eq!(NetworkKind::guess("eth0"), NetworkKind::Ethernet);
+        assert_eq!(NetworkKind::guess("tun0"), NetworkKind::Other);
+    }
+
+    #[test]
+    fn estimates_win_over_declared_figures() {
+        let mut n = Network::new("wifi", "wlan0", NetworkKind::Wifi);
+        assert_eq!(n.rtt(), Duration::from_millis(20));
+        n.declared.rtt = Some(Duration::from_millis(40));
+        assert_eq!(n.rtt(), Duration::from_millis(40));
+        n.estimated.rtt = Some(Duration::from_millis(15));
+        assert_eq!(n.rtt(), Duration::from_millis(15));
+        assert_eq!(n.bandwidth_down(), 50_000_000);
+    }
+}
