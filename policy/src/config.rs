@@ -25,6 +25,9 @@ use crate::network::{Figures, NetworkKind};
 use crate::rules::{PortRange, Rule, RuleSet};
 use crate::units::{ConfigDuration, ConfigRate, ConfigSize};
 
+/// Where [`Config::discover`] looks when neither a path nor `$CMM_CONFIG` is given.
+pub const SYSTEM_CONFIG: &str = "/etc/cmm/proxy.toml";
+
 /// The whole configuration, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -185,6 +188,22 @@ impl Config {
         let mut config = Config::parse(&text, &path.display().to_string())?;
         config.source = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// The config a program uses: `explicit` if given, else the file named by `$CMM_CONFIG`,
+    /// else `/etc/cmm/proxy.toml` when it exists, else the built-in defaults.
+    pub fn discover(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = explicit {
+            return Config::load(path);
+        }
+        if let Some(path) = std::env::var_os("CMM_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&path));
+        }
+        let system = Path::new(SYSTEM_CONFIG);
+        if system.exists() {
+            return Config::load(system);
+        }
+        Ok(Config::default())
     }
 
     /// Validates config text; `file` names it in errors.
