@@ -49,6 +49,25 @@ impl NetworkRef {
     }
 }
 
+impl std::fmt::Display for NetworkRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetworkRef::Any => f.write_str("*"),
+            NetworkRef::Named(g) => write!(f, "{g}"),
+        }
+    }
+}
+
+impl std::fmt::Display for NoMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoMatch::Defer => "defer",
+            NoMatch::Fallback => "fallback",
+            NoMatch::Reject => "reject",
+        })
+    }
+}
+
 /// How traffic with some labels chooses its network (`[label.<labels>]` in proxy.toml).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabelPolicy {

@@ -836,3 +836,26 @@ labels = 0x10
         assert!(e.to_string().contains("/nonexistent/proxy.toml"));
     }
 }
+
+#[cfg(test)]
+mod sample {
+    use super::*;
+
+    /// The commented sample at the repository root must always be valid, and mean what its
+    /// comments say.
+    #[test]
+    fn the_sample_proxy_toml_is_valid() {
+        let text = include_str!("../../proxy.toml");
+        let c = Config::parse(text, "proxy.toml").unwrap_or_else(|e| panic!("{e}"));
+        let d = Config::default();
+        assert_eq!(c.proxy, d.proxy, "the sample's [proxy] values are the defaults");
+        assert_eq!(c.defer, d.defer);
+        assert_eq!(c.scout, d.scout);
+        assert_eq!(c.policy.default_labels, Labels::ONDEMAND);
+        assert_eq!(c.networks.len(), 2);
+        assert!(c.networks[1].metered);
+        assert_eq!(c.policy.label_policies.len(), 2);
+        assert_eq!(c.rules.rules.len(), 2);
+        assert!(!c.auth_required());
+    }
+}

@@ -20,6 +20,7 @@
 
 pub mod pattern;
 pub mod proc;
+pub mod socks;
 
 use std::fs;
 use std::net::IpAddr;

@@ -1,0 +1,178 @@
+//! Data-path benchmark on loopback: one stream's throughput through the proxy against direct,
+//! and new connections per second at 1 and 32 concurrent clients.
+//!
+//! Run: `cargo bench -p cmm-proxy --bench datapath` (add `-- --quick` for a short run, and
+//! `-- --compare NAME=ADDR` to measure another SOCKS5 server, e.g. dante, with the same
+//! clients). The proxy runs in this process on its own 2-thread runtime; clients are plain
+//! blocking threads, as curl or a browser would be.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cmm_policy::Config;
+use cmm_proxy::Proxy;
+use cmm_scout::Scout;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 1.0 } else { 4.0 };
+
+    let source = start_source();
+    let hello = start_hello();
+    let mut servers: Vec<(String, SocketAddr)> = vec![("cmm-proxy".into(), start_proxy())];
+    let args: Vec<String> = std::env::args().collect();
+    for (i, a) in args.iter().enumerate() {
+        if a == "--compare"
+            && let Some((name, addr)) = args.get(i + 1).and_then(|v| v.split_once('='))
+        {
+            servers.push((name.to_string(), addr.parse().expect("--compare NAME=ADDR")));
+        }
+    }
+
+    println!("SOCKS5 data path on loopback ({secs} s per figure)");
+    let direct = throughput(|| TcpStream::connect(source).unwrap(), secs);
+    println!("one stream, direct: {direct:.1} Gbit/s");
+    for (name, addr) in &servers {
+        let addr = *addr;
+        let t = throughput(|| socks_connect(addr, source), secs);
+        println!("one stream, {name}: {t:.1} Gbit/s ({:.0}% of direct)", 100.0 * t / direct);
+    }
+    for workers in [1, 32] {
+        let d = conn_rate(workers, secs, move || {
+            let mut s = TcpStream::connect(hello).unwrap();
+            drain(&mut s);
+        });
+        println!("new connections/s at {workers:>2} concurrent, direct: {d:.0}/s");
+        for (name, addr) in &servers {
+            let addr = *addr;
+            let p = conn_rate(workers, secs, move || {
+                let mut s = socks_connect(addr, hello);
+                drain(&mut s);
+            });
+            println!("new connections/s at {workers:>2} concurrent, {name}: {p:.0}/s");
+        }
+    }
+}
+
+/// A server that sends an endless stream.
+fn start_source() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let buf = vec![0x5au8; 256 * 1024];
+                while s.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A server that says one line and closes.
+fn start_hello() -> SocketAddr {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let l = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { continue };
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s.write_all(b"ok\n").await;
+                });
+            }
+        })
+    });
+    addr
+}
+
+fn start_proxy() -> SocketAddr {
+    let mut config = Config::default();
+    config.proxy.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.proxy.max_connections = 100_000;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            // Loopback destinations never need a network: an empty manual scout is enough.
+            let proxy = Proxy::new(config, Scout::manual(vec![])).await.unwrap();
+            tx.send(proxy.local_addrs()[0]).unwrap();
+            proxy.serve(std::future::pending()).await;
+        })
+    });
+    rx.recv().unwrap()
+}
+
+fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_nodelay(true).unwrap();
+    let SocketAddr::V4(v4) = target else { panic!("v4 only") };
+    // As curl does: greeting, wait for the method, then the request.
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).unwrap();
+    assert_eq!(method, [5, 0], "SOCKS5 method refused");
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&v4.ip().octets());
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!((reply[0], reply[1]), (5, 0), "SOCKS5 failed: {reply:?}");
+    s
+}
+
+fn drain(s: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// Gbit/s read by one client for `secs`.
+fn throughput(connect: impl Fn() -> TcpStream, secs: f64) -> f64 {
+    let mut s = connect();
+    let mut buf = vec![0u8; 256 * 1024];
+    // Warm up.
+    let mut warm = 0;
+    while warm < 64 << 20 {
+        warm += s.read(&mut buf).unwrap();
+    }
+    let start = Instant::now();
+    let mut total = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        total += n as u64;
+    }
+    total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Connections completed per second by `workers` threads.
+fn conn_rate(workers: usize, secs: f64, one: impl Fn() + Send + Sync + Copy + 'static) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    one();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    for h in handles {
+        h.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / elapsed
+}

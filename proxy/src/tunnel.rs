@@ -1,0 +1,103 @@
+//! A tunnel: what happens after the client has been told "connected" (SOCKS5 success, or
+//! `200` to CONNECT), shared by both front ends.
+//!
+//! - Deferred: the client's bytes are held in a bounded buffer while the upstream waits for a
+//!   network. Past the bound nothing more is read, so TCP back-pressure holds the client and
+//!   nothing is dropped. When the network comes, every held byte is written in order first.
+//!   Past the maximum wait the client is closed.
+//! - Then the byte path runs until both directions end, one side fails, or the upstream's
+//!   network goes down — then both sides are closed, so the client sees the end at once instead
+//!   of hanging on a dead uplink.
+
+use bytes::BytesMut;
+use bytes::buf::BufMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::log::ConnLog;
+use crate::splice::{self, Counts, TransferError};
+use crate::upstream::{OpenState, UpstreamConn, UpstreamIo};
+
+/// Runs a tunnel to its end; returns the outcome for the log line.
+pub async fn run(
+    mut client: TcpStream,
+    read_ahead: &[u8],
+    state: OpenState,
+    max_held: usize,
+    log: &mut ConnLog,
+) -> String {
+    let mut held = BytesMut::from(read_ahead);
+    let conn = match state {
+        OpenState::Ready(conn) => conn,
+        OpenState::Deferred(deferred) => {
+            log.deferred = Some(deferred.why().to_string());
+            tracing::info!(
+                target: "cmm_proxy::conn",
+                id = log.id,
+                dest = %log.dest,
+                max_wait_s = deferred.max_wait().as_secs(),
+                "deferred: {}",
+                deferred.why()
+            );
+            let complete = deferred.complete();
+            tokio::pin!(complete);
+            let mut client_done = false;
+            loop {
+                let room = max_held.saturating_sub(held.len());
+                let mut limited = (&mut held).limit(room);
+                tokio::select! {
+                    result = &mut complete => match result {
+                        Ok(conn) => break conn,
+                        Err(e) => {
+                            log.up = held.len() as u64;
+                            return format!("deferred, then failed: {e}");
+                        }
+                    },
+                    read = client.read_buf(&mut limited), if !client_done && room > 0 => match read {
+                        Ok(0) => client_done = true,
+                        Ok(_) => {}
+                        Err(e) => return format!("client failed while deferred: {e}"),
+                    },
+                }
+            }
+        }
+    };
+    log.network = Some(conn.network.clone().unwrap_or_else(|| "direct".into()));
+    relay(client, held, conn, log).await
+}
+
+async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut ConnLog) -> String {
+    let UpstreamConn { io, lost, .. } = conn;
+    let mut counts = Counts::default();
+    let mut client = client;
+    let result = match io {
+        UpstreamIo::Tcp(mut upstream) => {
+            if let Err(e) = splice::write_held(&mut upstream, &held).await {
+                return format!("upstream failed: {e}");
+            }
+            counts.up = held.len() as u64;
+            tokio::select! {
+                r = splice::splice_bidirectional(&client, &upstream, &mut counts) => Ok(r),
+                why = lost => Err(why),
+            }
+        }
+        UpstreamIo::Stream(mut upstream) => {
+            if let Err(e) = splice::write_held(&mut upstream, &held).await {
+                return format!("upstream failed: {e}");
+            }
+            counts.up = held.len() as u64;
+            tokio::select! {
+                r = splice::copy_bidirectional(&mut client, &mut upstream, &mut counts) => Ok(r),
+                why = lost => Err(why),
+            }
+        }
+    };
+    log.up = counts.up;
+    log.down = counts.down;
+    match result {
+        Ok(Ok(())) => "ok".into(),
+        Ok(Err(TransferError::Client(e))) => format!("client error: {e}"),
+        Ok(Err(TransferError::Upstream(e))) => format!("upstream error: {e}"),
+        Err(why) => why,
+    }
+}
