@@ -5,6 +5,8 @@
 //!   `<bytes> <sha256>` of the body; `GET /delay/MS` answers after MS milliseconds.
 //! - TCP echo: sends back what it receives, half-closes when the client does.
 //! - TCP sink: reads to end of stream, then answers `<bytes> <sha256>\n` and closes.
+//! - With `--static DIR`, any other `GET /PATH` serves `DIR/PATH` (a git repository for the
+//!   dumb HTTP protocol, a pip index).
 //!
 //! Prints `ready` on stdout once every listener is bound.
 
@@ -34,7 +36,12 @@ struct Args {
     /// TCP sink listen address.
     #[arg(long)]
     sink: Vec<SocketAddr>,
+    /// Serve files from this directory for other GET paths.
+    #[arg(long = "static")]
+    static_dir: Option<std::path::PathBuf>,
 }
+
+static STATIC_DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -54,6 +61,7 @@ fn listen(addr: SocketAddr) -> TcpListener {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let _ = STATIC_DIR.set(args.static_dir.clone());
     let mut tasks = Vec::new();
     for addr in args.http {
         let l = listen(addr);
@@ -165,9 +173,33 @@ async fn route(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body
             }
             text(StatusCode::OK, format!("{n} {}\n", pattern::hex(&h.finalize())))
         }
+        (&Method::GET, _) => static_file(&path).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     };
     Ok(response)
+}
+
+async fn static_file(path: &str) -> Response<Body> {
+    let Some(Some(dir)) = STATIC_DIR.get() else { return text(StatusCode::NOT_FOUND, "not found\n".into()) };
+    let rel = path.trim_start_matches('/');
+    if rel.split('/').any(|part| part == "..") {
+        return text(StatusCode::FORBIDDEN, "no\n".into());
+    }
+    let mut file = dir.join(rel);
+    if file.is_dir() {
+        file = file.join("index.html");
+    }
+    match tokio::fs::read(&file).await {
+        Ok(data) => {
+            let mut r = Response::new(Full::new(Bytes::from(data)).map_err(|never| match never {}).boxed());
+            if file.extension().is_some_and(|e| e == "html") {
+                r.headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, "text/html".parse().expect("static header"));
+            }
+            r
+        }
+        Err(_) => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
 }
 
 fn pattern_response(len: u64) -> Response<Body> {
