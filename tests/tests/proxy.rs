@@ -512,3 +512,52 @@ fn authentication_when_exposed() {
     let line = p.proxy.wait_for_line("user=alice", Duration::from_secs(5));
     assert!(line.contains("user=alice"), "{line}");
 }
+
+#[test]
+fn timeouts_unreachable_and_deferral_limits() {
+    let config = CONFIG
+        .replace("[label.background]\nmetered = false", "[label.background]\nmetered = false\nmax_wait = \"2s\"")
+        .replace("listen = [\"127.0.0.1:1080\"]", "listen = [\"127.0.0.1:1080\"]\nsocks_listen = [\"127.0.0.1:1081\"]\nhttp_listen = [\"127.0.0.1:1082\"]");
+    let Some(p) = start("timeouts_unreachable_and_deferral_limits", &config) else { return };
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).to_string();
+
+    // Separate single-protocol listeners.
+    assert_eq!(p.curl_ok(&["-x", "socks5h://background@127.0.0.1:1081", &url("/ip")]), "10.1.0.2");
+    assert_eq!(p.curl_ok(&["-x", "http://background@127.0.0.1:1082", &url("/ip")]), "10.1.0.2");
+
+    // No route beyond the router: network unreachable (3).
+    let out = p.curl(&["-x", &format!("socks5h://background@{PROXY}"), "http://192.0.2.1/"]);
+    assert!(stderr(&out).contains("(3)"), "{}", stderr(&out));
+    // An address type SOCKS5 does not have: address type not supported (8).
+    let code = p.in_client(|| {
+        let mut s = std::net::TcpStream::connect(PROXY).unwrap();
+        s.write_all(&[5, 1, 0]).unwrap();
+        let mut m = [0u8; 2];
+        s.read_exact(&mut m).unwrap();
+        s.write_all(&[5, 1, 0, 9, 1, 2, 3, 4, 0, 80]).unwrap();
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).unwrap();
+        r[1]
+    });
+    assert_eq!(code, 8);
+
+    // A black-holed uplink swallows SYNs: the connect times out (3 s) and HTTP says 504.
+    p.lab.cut(Uplink::Wifi, Cut::Blackhole);
+    let out = p.curl(&["-w", "\n%{http_code}", "-x", &format!("http://background@{PROXY}"), &url("/ip")]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.ends_with("504") && body.contains("no answer within"), "{body}");
+    p.lab.restore(Uplink::Wifi, Cut::Blackhole);
+
+    // Deferred past the policy's maximum wait (2 s): SOCKS5 clients are closed, forwarded HTTP
+    // requests get 504.
+    p.lab.cut(Uplink::Wifi, Cut::Admin);
+    let t0 = Instant::now();
+    let out = p.curl(&["-x", &format!("socks5h://background@{PROXY}"), &url("/ip")]);
+    assert!(!out.status.success(), "a request past its wait must fail");
+    assert!(t0.elapsed() >= Duration::from_millis(1900), "closed after {:?}, before max_wait", t0.elapsed());
+    let out = p.curl(&["-w", "\n%{http_code}", "-x", &format!("http://background@{PROXY}"), &url("/ip")]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.ends_with("504") && body.contains("no matching network within"), "{body}");
+    let line = p.proxy.wait_for_line("deferred, then failed", Duration::from_secs(5));
+    assert!(line.contains("labels=background"), "{line}");
+}
