@@ -143,6 +143,20 @@ async fn handle(
     }
 }
 
+/// Opens the upstream; on failure logs the request and gives the error response.
+async fn open(
+    ctx: &Context,
+    req: &UpstreamRequest,
+    log: &mut ConnLog,
+) -> Result<crate::upstream::Opened, Box<Response<ProxyBody>>> {
+    ctx.upstream.open(req).await.map_err(|e| {
+        log.labels = e.labels;
+        let response = text(status_for(e.error.kind()), &e.error.to_string());
+        log.finish(&e.error);
+        Box::new(response)
+    })
+}
+
 /// The target of a CONNECT request: `host:port` in the request target.
 fn connect_target(uri: &Uri) -> Option<Target> {
     let authority = uri.authority()?;
@@ -162,14 +176,9 @@ async fn connect(
     };
     log.dest = target.to_string();
     let up_req = UpstreamRequest { target, user: identity.user, labels: identity.labels };
-    let opened = match ctx.upstream.open(&up_req).await {
+    let opened = match open(&ctx, &up_req, &mut log).await {
         Ok(o) => o,
-        Err(e) => {
-            log.labels = e.labels;
-            let response = text(status_for(e.error.kind()), &e.error.to_string());
-            log.finish(&e.error);
-            return response;
-        }
+        Err(response) => return *response,
     };
     log.labels = Some((opened.labels, opened.source));
     let state = opened.state;
@@ -326,15 +335,7 @@ async fn open_http_upstream(
     log: &mut ConnLog,
 ) -> Result<Kept, Box<Response<ProxyBody>>> {
     let up_req = UpstreamRequest { target: key.0.clone(), user: key.2.clone(), labels: key.1 };
-    let opened = match ctx.upstream.open(&up_req).await {
-        Ok(o) => o,
-        Err(e) => {
-            log.labels = e.labels;
-            let response = text(status_for(e.error.kind()), &e.error.to_string());
-            log.finish(&e.error);
-            return Err(Box::new(response));
-        }
-    };
+    let opened = open(ctx, &up_req, log).await?;
     log.labels = Some((opened.labels, opened.source.clone()));
     let conn: UpstreamConn = match opened.state {
         OpenState::Ready(c) => c,

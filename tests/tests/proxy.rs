@@ -91,6 +91,18 @@ impl ProxyLab {
 
 const PROXY: &str = "127.0.0.1:1080";
 
+/// Through the proxy (SOCKS5, from inside the client namespace): sends `data`, half-closes,
+/// and returns everything the server answers until it closes.
+fn upload(user: Option<&str>, host: &str, port: u16, data: &[u8]) -> String {
+    let mut s =
+        socks::request(PROXY.parse().unwrap(), user, socks::CONNECT, host, port).unwrap().expect("connect");
+    s.write_all(data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn url(path: &str) -> String {
     format!("http://server4.lab:{HTTP_PORT}{path}")
 }
@@ -130,16 +142,7 @@ fn labels_from_the_username_choose_the_uplink() {
 fn labels_from_rules_and_ipv6() {
     let Some(p) = start("labels_from_rules_and_ipv6", CONFIG) else { return };
     // Port 9000 is labelled background by a rule: it goes over wifi, and the rule is named.
-    let answer = p.in_client(|| {
-        let mut s = socks::request(PROXY.parse().unwrap(), None, socks::CONNECT, SERVER, SINK_PORT)
-            .unwrap()
-            .expect("connect");
-        s.write_all(b"hello").unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
+    let answer = p.in_client(|| upload(None, SERVER, SINK_PORT, b"hello"));
     assert!(answer.starts_with("5 "), "{answer}");
     let line = p.proxy.wait_for_line("dest=10.3.0.2:9000", Duration::from_secs(5));
     assert!(line.contains("labels=background") && line.contains("labels_from=rule@"), "{line}");
