@@ -13,7 +13,9 @@
 //! re-exported here so an application needs only this crate.
 
 pub mod connector;
+pub mod frame;
 pub mod net;
+pub mod session;
 pub mod target;
 
 pub use cmm_policy::{Labels, Network, NetworkKind, Policy};

@@ -1,0 +1,526 @@
+//! The multi-socket wire format, version 1 (see `PROTOCOL.md` for the layouts and rules).
+//!
+//! Every frame is `type: u8`, `length: u32` (big-endian, payload bytes), then the payload.
+//! Decoding is two steps, as for any untrusted input: [`FrameDecoder`] first checks that a
+//! whole frame is buffered and that its length is within [`MAX_PAYLOAD`] (so nothing is ever
+//! allocated from a length field beyond that bound), then [`decode_payload`] parses it. A
+//! malformed frame is a [`FrameError`]; the caller closes that physical connection.
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use cmm_policy::{Labels, NetworkKind};
+
+/// Protocol version spoken by this implementation.
+pub const VERSION: u16 = 1;
+/// Bytes of the frame header.
+pub const HEADER: usize = 5;
+/// Largest payload accepted: a full data chunk plus its fields, with room to spare.
+pub const MAX_PAYLOAD: usize = 128 * 1024;
+/// Largest data chunk a sender puts in one DATA frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Most SACK ranges in one ACK.
+pub const MAX_RANGES: usize = 16;
+/// Longest network name in HELLO.
+pub const MAX_NAME: usize = 64;
+/// Longest close reason.
+pub const MAX_REASON: usize = 256;
+
+/// A session: the multi-socket both peers share, named by the connecting side.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub [u8; 16]);
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// One physical connection within a session, numbered by the connecting side.
+pub type PathId = u32;
+
+/// How the connecting side describes the network a path runs over, so that the accepting side
+/// can choose paths by labels too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkInfo {
+    /// Network name (`wifi`).
+    pub name: String,
+    /// Its kind.
+    pub kind: NetworkKind,
+    /// Whether it is metered.
+    pub metered: bool,
+    /// Downstream bandwidth in bit/s as the connecting side knows it (0: unknown).
+    pub bandwidth_down: u64,
+    /// Upstream bandwidth in bit/s (0: unknown).
+    pub bandwidth_up: u64,
+    /// Round-trip time in microseconds (0: unknown).
+    pub rtt_us: u32,
+}
+
+/// A decoded frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame of the connecting side on every path.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// The session this path belongs to (new or existing).
+        session: SessionId,
+        /// This path's number.
+        path: PathId,
+        /// The connecting side's network for this path.
+        network: NetworkInfo,
+    },
+    /// The accepting side's answer to HELLO.
+    Welcome {
+        /// Protocol version.
+        version: u16,
+        /// The session.
+        session: SessionId,
+        /// The path.
+        path: PathId,
+    },
+    /// Stream bytes at an offset, with the labels the sender used.
+    Data {
+        /// Offset of the first byte in the stream.
+        offset: u64,
+        /// Labels.
+        labels: Labels,
+        /// The bytes (at least one).
+        data: Bytes,
+    },
+    /// What the receiver holds: everything below `cumulative`, plus `ranges`; and how far the
+    /// sender may go (`window`: the first offset it may not send).
+    Ack {
+        /// Every byte below this offset was received.
+        cumulative: u64,
+        /// Flow control limit.
+        window: u64,
+        /// Received ranges above `cumulative`, `[start, end)`, ascending, disjoint.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Asks for an ACK on this path now (liveness probe).
+    Ping,
+    /// The stream ends at this offset: no data at or beyond it will come.
+    Fin {
+        /// Final length of the stream.
+        offset: u64,
+    },
+    /// A path of this session is gone (sent on another path, so the peer fails over at once).
+    PathDown {
+        /// The path.
+        path: PathId,
+    },
+    /// The session is closed.
+    Close {
+        /// Reason code (0: normal close).
+        code: u8,
+        /// Reason in words.
+        reason: String,
+    },
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const DATA: u8 = 3;
+    pub const ACK: u8 = 4;
+    pub const PING: u8 = 5;
+    pub const FIN: u8 = 6;
+    pub const PATH_DOWN: u8 = 7;
+    pub const CLOSE: u8 = 8;
+}
+
+/// Why bytes from a peer are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Unknown frame type.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// Length field above the maximum.
+    #[error("frame of {0} bytes exceeds the maximum of {MAX_PAYLOAD}")]
+    TooLong(usize),
+    /// Payload shorter or longer than its type requires.
+    #[error("{0} frame has a bad length ({1} bytes)")]
+    BadLength(&'static str, usize),
+    /// A field has a value the protocol does not allow.
+    #[error("{0}")]
+    BadField(String),
+}
+
+fn kind_code(k: NetworkKind) -> u8 {
+    match k {
+        NetworkKind::Ethernet => 1,
+        NetworkKind::Wifi => 2,
+        NetworkKind::Cellular => 3,
+        NetworkKind::Other => 0,
+    }
+}
+
+fn code_kind(c: u8) -> NetworkKind {
+    match c {
+        1 => NetworkKind::Ethernet,
+        2 => NetworkKind::Wifi,
+        3 => NetworkKind::Cellular,
+        _ => NetworkKind::Other,
+    }
+}
+
+impl Frame {
+    /// The frame's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "HELLO",
+            Frame::Welcome { .. } => "WELCOME",
+            Frame::Data { .. } => "DATA",
+            Frame::Ack { .. } => "ACK",
+            Frame::Ping => "PING",
+            Frame::Fin { .. } => "FIN",
+            Frame::PathDown { .. } => "PATH_DOWN",
+            Frame::Close { .. } => "CLOSE",
+        }
+    }
+
+    /// Appends the encoded frame (header and payload) to `out`. DATA's bytes are copied here;
+    /// [`encode_data_header`] avoids that copy for the data path.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_bytes(0, HEADER);
+        let code = match self {
+            Frame::Hello { version, session, path, network } => {
+                out.put_u16(*version);
+                out.put_slice(&session.0);
+                out.put_u32(*path);
+                out.put_u8(kind_code(network.kind));
+                out.put_u8(network.metered as u8);
+                out.put_u64(network.bandwidth_down);
+                out.put_u64(network.bandwidth_up);
+                out.put_u32(network.rtt_us);
+                let name = truncate(&network.name, MAX_NAME);
+                out.put_u8(name.len() as u8);
+                out.put_slice(name.as_bytes());
+                kind::HELLO
+            }
+            Frame::Welcome { version, session, path } => {
+                out.put_u16(*version);
+                out.put_slice(&session.0);
+                out.put_u32(*path);
+                kind::WELCOME
+            }
+            Frame::Data { offset, labels, data } => {
+                out.put_u64(*offset);
+                out.put_u32(labels.bits());
+                out.put_slice(data);
+                kind::DATA
+            }
+            Frame::Ack { cumulative, window, ranges } => {
+                out.put_u64(*cumulative);
+                out.put_u64(*window);
+                let n = ranges.len().min(MAX_RANGES);
+                out.put_u8(n as u8);
+                for (s, e) in &ranges[..n] {
+                    out.put_u64(*s);
+                    out.put_u64(*e);
+                }
+                kind::ACK
+            }
+            Frame::Ping => kind::PING,
+            Frame::Fin { offset } => {
+                out.put_u64(*offset);
+                kind::FIN
+            }
+            Frame::PathDown { path } => {
+                out.put_u32(*path);
+                kind::PATH_DOWN
+            }
+            Frame::Close { code, reason } => {
+                out.put_u8(*code);
+                out.put_slice(truncate(reason, MAX_REASON).as_bytes());
+                kind::CLOSE
+            }
+        };
+        let len = (out.len() - start - HEADER) as u32;
+        out[start] = code;
+        out[start + 1..start + HEADER].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// The header and fixed fields of a DATA frame (17 bytes); the payload follows separately, so
+/// the sender can write it with a vectored write and never copy it.
+pub fn encode_data_header(offset: u64, labels: Labels, len: usize) -> [u8; HEADER + 12] {
+    let mut h = [0u8; HEADER + 12];
+    h[0] = kind::DATA;
+    h[1..5].copy_from_slice(&((12 + len) as u32).to_be_bytes());
+    h[5..13].copy_from_slice(&offset.to_be_bytes());
+    h[13..17].copy_from_slice(&labels.bits().to_be_bytes());
+    h
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Parses one payload of type `code`. `payload` is exactly the frame's payload.
+pub fn decode_payload(code: u8, mut p: Bytes) -> Result<Frame, FrameError> {
+    let len = p.len();
+    let need = |name: &'static str, ok: bool| if ok { Ok(()) } else { Err(FrameError::BadLength(name, len)) };
+    match code {
+        kind::HELLO => {
+            const HELLO_FIXED: usize = 2 + 16 + 4 + 1 + 1 + 8 + 8 + 4 + 1;
+            need("HELLO", len >= HELLO_FIXED)?;
+            let version = p.get_u16();
+            let mut session = [0u8; 16];
+            p.copy_to_slice(&mut session);
+            let path = p.get_u32();
+            let kind = code_kind(p.get_u8());
+            let metered = match p.get_u8() {
+                0 => false,
+                1 => true,
+                other => return Err(FrameError::BadField(format!("HELLO metered flag {other}"))),
+            };
+            let bandwidth_down = p.get_u64();
+            let bandwidth_up = p.get_u64();
+            let rtt_us = p.get_u32();
+            let name_len = p.get_u8() as usize;
+            need("HELLO", p.remaining() == name_len && name_len <= MAX_NAME)?;
+            let name = String::from_utf8(p.to_vec())
+                .map_err(|_| FrameError::BadField("HELLO network name is not UTF-8".into()))?;
+            Ok(Frame::Hello {
+                version,
+                session: SessionId(session),
+                path,
+                network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us },
+            })
+        }
+        kind::WELCOME => {
+            need("WELCOME", len == 2 + 16 + 4)?;
+            let version = p.get_u16();
+            let mut session = [0u8; 16];
+            p.copy_to_slice(&mut session);
+            Ok(Frame::Welcome { version, session: SessionId(session), path: p.get_u32() })
+        }
+        kind::DATA => {
+            need("DATA", len > 12 && len - 12 <= MAX_CHUNK)?;
+            let offset = p.get_u64();
+            let bits = p.get_u32();
+            let labels =
+                Labels::from_bits(bits).map_err(|e| FrameError::BadField(format!("DATA labels: {e}")))?;
+            if offset.checked_add(p.len() as u64).is_none() {
+                return Err(FrameError::BadField("DATA offset overflows".into()));
+            }
+            Ok(Frame::Data { offset, labels, data: p })
+        }
+        kind::ACK => {
+            need("ACK", len >= 17)?;
+            let cumulative = p.get_u64();
+            let window = p.get_u64();
+            let n = p.get_u8() as usize;
+            need("ACK", n <= MAX_RANGES && p.remaining() == n * 16)?;
+            let mut ranges = Vec::with_capacity(n);
+            let mut floor = cumulative;
+            for _ in 0..n {
+                let (s, e) = (p.get_u64(), p.get_u64());
+                if s < floor || e <= s {
+                    return Err(FrameError::BadField(format!("ACK range {s}..{e} is empty or out of order")));
+                }
+                floor = e;
+                ranges.push((s, e));
+            }
+            Ok(Frame::Ack { cumulative, window, ranges })
+        }
+        kind::PING => {
+            need("PING", len == 0)?;
+            Ok(Frame::Ping)
+        }
+        kind::FIN => {
+            need("FIN", len == 8)?;
+            Ok(Frame::Fin { offset: p.get_u64() })
+        }
+        kind::PATH_DOWN => {
+            need("PATH_DOWN", len == 4)?;
+            Ok(Frame::PathDown { path: p.get_u32() })
+        }
+        kind::CLOSE => {
+            need("CLOSE", (1..=1 + MAX_REASON).contains(&len))?;
+            let code = p.get_u8();
+            let reason = String::from_utf8_lossy(&p).into_owned();
+            Ok(Frame::Close { code, reason })
+        }
+        other => Err(FrameError::UnknownType(other)),
+    }
+}
+
+/// Splits a byte stream from one physical connection into frames.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Adds bytes read from the connection.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered, not yet a whole frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes whatever is buffered (to hand a path from a listener over to its session).
+    pub fn take_buffered(&mut self) -> BytesMut {
+        self.buf.split()
+    }
+
+    /// The next whole frame, `Ok(None)` when more bytes are needed, or an error (after which
+    /// the connection must be closed).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        let code = self.buf[0];
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLong(len));
+        }
+        if !(kind::HELLO..=kind::CLOSE).contains(&code) {
+            return Err(FrameError::UnknownType(code));
+        }
+        if self.buf.len() < HEADER + len {
+            self.buf.reserve(HEADER + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(HEADER);
+        let payload = self.buf.split_to(len).freeze();
+        decode_payload(code, payload).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(f: Frame) {
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        let mut d = FrameDecoder::new();
+        // Byte by byte: partial input is never an error.
+        for b in out.iter() {
+            d.push(&[*b]);
+        }
+        assert_eq!(d.next_frame().unwrap(), Some(f));
+        assert_eq!(d.next_frame().unwrap(), None);
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        roundtrip(Frame::Hello {
+            version: VERSION,
+            session: SessionId([7; 16]),
+            path: 3,
+            network: NetworkInfo {
+                name: "wifi".into(),
+                kind: NetworkKind::Wifi,
+                metered: false,
+                bandwidth_down: 50_000_000,
+                bandwidth_up: 10_000_000,
+                rtt_us: 20_000,
+            },
+        });
+        roundtrip(Frame::Welcome { version: VERSION, session: SessionId([1; 16]), path: 9 });
+        roundtrip(Frame::Data {
+            offset: 1 << 40,
+            labels: Labels::BACKGROUND,
+            data: Bytes::from_static(b"hello"),
+        });
+        roundtrip(Frame::Ack { cumulative: 10, window: 1 << 23, ranges: vec![(20, 30), (40, 41)] });
+        roundtrip(Frame::Ping);
+        roundtrip(Frame::Fin { offset: 99 });
+        roundtrip(Frame::PathDown { path: 2 });
+        roundtrip(Frame::Close { code: 0, reason: "bye".into() });
+    }
+
+    #[test]
+    fn data_header_matches_encode() {
+        let mut out = BytesMut::new();
+        Frame::Data { offset: 5, labels: Labels::SMALL, data: Bytes::from_static(b"xyz") }.encode(&mut out);
+        assert_eq!(&out[..17], &encode_data_header(5, Labels::SMALL, 3));
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        let mut d = FrameDecoder::new();
+        d.push(&[99, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(99)));
+        let mut d = FrameDecoder::new();
+        d.push(&[kind::DATA, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLong(_))));
+        let mut d = FrameDecoder::new();
+        d.push(&[kind::PING, 0, 0, 0, 1, 0]);
+        assert!(matches!(d.next_frame(), Err(FrameError::BadLength("PING", 1))));
+        // Conflicting labels in DATA.
+        let mut out = BytesMut::new();
+        out.put_u8(kind::DATA);
+        out.put_u32(13);
+        out.put_u64(0);
+        out.put_u32(0x4 | 0x8);
+        out.put_u8(1);
+        let mut d = FrameDecoder::new();
+        d.push(&out);
+        assert!(matches!(d.next_frame(), Err(FrameError::BadField(_))));
+        // ACK ranges out of order.
+        let mut out = BytesMut::new();
+        Frame::Ack { cumulative: 0, window: 0, ranges: vec![] }.encode(&mut out);
+        out[4] = 17 + 16;
+        out[5 + 16] = 1;
+        out.put_u64(5);
+        out.put_u64(5);
+        let mut d = FrameDecoder::new();
+        d.push(&out);
+        assert!(matches!(d.next_frame(), Err(FrameError::BadField(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut d = FrameDecoder::new();
+            'outer: for c in chunks {
+                d.push(&c);
+                loop {
+                    match d.next_frame() {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(_) => break 'outer,
+                    }
+                }
+            }
+            prop_assert!(d.buffered() <= HEADER + MAX_PAYLOAD + 64 * 16);
+        }
+
+        #[test]
+        fn data_frames_round_trip(offset in 0u64..u64::MAX / 2, data in proptest::collection::vec(any::<u8>(), 1..2000)) {
+            let f = Frame::Data { offset, labels: Labels::ONDEMAND, data: Bytes::from(data) };
+            let mut out = BytesMut::new();
+            f.encode(&mut out);
+            let mut d = FrameDecoder::new();
+            d.push(&out);
+            prop_assert_eq!(d.next_frame().unwrap(), Some(f));
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! Deterministic tests of the session: two peers in one thread, a virtual clock, and simulated
+//! paths with delay, bandwidth, reordering, duplication, and silent or announced death.
+
+use super::*;
+use crate::frame::FrameDecoder;
+use cmm_policy::{LabelPolicy, NetworkKind, NetworkRef, NoMatch};
+use proptest::prelude::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Wi-Fi: fast, far. Cell: slow, near, metered. As in the lab.
+fn wifi() -> Network {
+    let mut n = Network::new("wifi", "wifi0", NetworkKind::Wifi);
+    n.declared.bandwidth_down = Some(50_000_000);
+    n.declared.bandwidth_up = Some(50_000_000);
+    n.declared.rtt = Some(Duration::from_millis(80));
+    n
+}
+
+fn cell() -> Network {
+    let mut n = Network::new("cell", "cell0", NetworkKind::Cellular);
+    n.declared.bandwidth_down = Some(2_000_000);
+    n.declared.bandwidth_up = Some(2_000_000);
+    n.declared.rtt = Some(Duration::from_millis(30));
+    n.metered = true;
+    n
+}
+
+fn policy() -> Arc<Policy> {
+    Arc::new(Policy::default())
+}
+
+/// Background may not use metered networks: with Wi-Fi gone it must wait.
+fn strict_policy() -> Arc<Policy> {
+    let mut p = Policy::default();
+    p.label_policies.push(LabelPolicy {
+        labels: Labels::BACKGROUND,
+        networks: Some(vec![NetworkRef::Any]),
+        metered: false,
+        on_no_match: NoMatch::Defer,
+        max_wait: Duration::from_secs(600),
+    });
+    Arc::new(p)
+}
+
+struct Packet {
+    at: Instant,
+    bytes: Bytes,
+}
+
+struct Link {
+    /// One-way delay.
+    delay: Duration,
+    /// Bytes per second, both ways.
+    rate: u64,
+    /// Whether each direction delivers (false: packets vanish silently).
+    up_ab: bool,
+    up_ba: bool,
+    busy_ab: Instant,
+    busy_ba: Instant,
+    ab: Vec<Packet>,
+    ba: Vec<Packet>,
+    /// Extra random delay per packet: varies how paths overtake each other (within one path
+    /// TCP keeps order, so packets never overtake on the same link).
+    jitter: Duration,
+}
+
+struct Sim {
+    now: Instant,
+    a: Session,
+    b: Session,
+    links: BTreeMap<PathId, Link>,
+    b_pending: BTreeMap<PathId, FrameDecoder>,
+    seed: u64,
+    /// What b has received, in order.
+    got: Vec<u8>,
+    got_labels: Vec<(usize, Labels)>,
+    b_eof: bool,
+    b_reads: bool,
+}
+
+impl Sim {
+    fn new(pol: Arc<Policy>) -> Sim {
+        Sim::with_config(pol, SessionConfig::default())
+    }
+
+    fn with_config(pol: Arc<Policy>, cfg: SessionConfig) -> Sim {
+        let id = SessionId([9; 16]);
+        Sim {
+            now: Instant::now(),
+            a: Session::new(Role::Connecting, id, cfg.clone(), pol.clone()),
+            b: Session::new(Role::Accepting, id, cfg, pol),
+            links: BTreeMap::new(),
+            b_pending: BTreeMap::new(),
+            seed: 1,
+            got: Vec::new(),
+            got_labels: Vec::new(),
+            b_eof: false,
+            b_reads: true,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        self.seed
+    }
+
+    fn add_path(&mut self, id: PathId, network: Network, delay: Duration, rate: u64) {
+        self.links.insert(
+            id,
+            Link {
+                delay,
+                rate,
+                up_ab: true,
+                up_ba: true,
+                busy_ab: self.now,
+                busy_ba: self.now,
+                ab: Vec::new(),
+                ba: Vec::new(),
+                jitter: Duration::ZERO,
+            },
+        );
+        self.b_pending.insert(id, FrameDecoder::new());
+        self.a.add_path(id, network, self.now);
+    }
+
+    /// Moves everything both sides want to send onto the links.
+    fn transmit(&mut self) {
+        let ids: Vec<PathId> = self.links.keys().copied().collect();
+        for id in ids {
+            while let Some(t) = self.a.poll_transmit(id, self.now) {
+                self.push(id, true, t);
+            }
+            while let Some(t) = self.b.poll_transmit(id, self.now) {
+                self.push(id, false, t);
+            }
+        }
+    }
+
+    fn push(&mut self, id: PathId, ab: bool, t: Transmit) {
+        let mut bytes = BytesMut::from(&t.header[..]);
+        bytes.extend_from_slice(&t.payload);
+        let jitter_ns = {
+            let j = self.links[&id].jitter.as_nanos() as u64;
+            if j == 0 { 0 } else { self.rand() % j }
+        };
+        let now = self.now;
+        let link = self.links.get_mut(&id).unwrap();
+        let (up, busy, queue) = if ab {
+            (link.up_ab, &mut link.busy_ab, &mut link.ab)
+        } else {
+            (link.up_ba, &mut link.busy_ba, &mut link.ba)
+        };
+        let tx = Duration::from_nanos(bytes.len() as u64 * 1_000_000_000 / link.rate);
+        *busy = (*busy).max(now) + tx;
+        // TCP keeps order within a path: never deliver before the previous packet.
+        let floor = queue.last().map_or(now, |p| p.at);
+        let at = (*busy + link.delay + Duration::from_nanos(jitter_ns)).max(floor);
+        if up {
+            queue.push(Packet { at, bytes: bytes.freeze() });
+        }
+    }
+
+    fn deliver(&mut self) {
+        let ids: Vec<PathId> = self.links.keys().copied().collect();
+        for id in ids {
+            let now = self.now;
+            let link = self.links.get_mut(&id).unwrap();
+            let due_ab: Vec<Packet> = drain_due(&mut link.ab, now);
+            let due_ba: Vec<Packet> = drain_due(&mut link.ba, now);
+            for p in due_ab {
+                self.deliver_to_b(id, &p.bytes);
+            }
+            for p in due_ba {
+                if let Err(e) = self.a.handle_input(id, &p.bytes, now) {
+                    panic!("a rejected input on path {id}: {e}");
+                }
+            }
+        }
+    }
+
+    fn deliver_to_b(&mut self, id: PathId, bytes: &[u8]) {
+        if let Some(dec) = self.b_pending.get_mut(&id) {
+            dec.push(bytes);
+            match read_hello(dec).expect("hello") {
+                None => return,
+                Some((session, path, info)) => {
+                    assert_eq!(session, self.a.id());
+                    assert_eq!(path, id);
+                    let rest = dec.take_buffered();
+                    self.b_pending.remove(&id);
+                    self.b.add_path(id, network_from_info(&info, id), self.now);
+                    if let Err(e) = self.b.handle_input(id, &rest, self.now) {
+                        panic!("b rejected input: {e}");
+                    }
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.b.handle_input(id, bytes, self.now) {
+            panic!("b rejected input on path {id}: {e}");
+        }
+    }
+
+    fn read_b(&mut self) {
+        if !self.b_reads {
+            return;
+        }
+        let mut buf = vec![0u8; 100_000];
+        loop {
+            match self.b.recv(&mut buf) {
+                Ok((0, _)) => {
+                    self.b_eof = true;
+                    break;
+                }
+                Ok((n, l)) => {
+                    self.got.extend_from_slice(&buf[..n]);
+                    match self.got_labels.last_mut() {
+                        Some((len, last)) if *last == l => *len += n,
+                        _ => self.got_labels.push((n, l)),
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// One round: transmit, deliver what is due, read, fire timers; then advance the clock to
+    /// the next thing that happens.
+    fn step(&mut self) -> bool {
+        self.transmit();
+        self.deliver();
+        self.read_b();
+        if self.a.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.a.handle_timeout(self.now);
+        }
+        if self.b.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.b.handle_timeout(self.now);
+        }
+        self.transmit();
+        let mut next: Option<Instant> = None;
+        for l in self.links.values() {
+            for p in l.ab.iter().chain(l.ba.iter()) {
+                next = Some(next.map_or(p.at, |n| n.min(p.at)));
+            }
+        }
+        for t in [self.a.poll_timeout(), self.b.poll_timeout()].into_iter().flatten() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        match next {
+            Some(t) if t > self.now => {
+                self.now = t;
+                true
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            if !self.step() {
+                self.now = end;
+            }
+        }
+    }
+
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+        let end = self.now + limit;
+        while !done(self) {
+            assert!(self.now < end, "not done within {limit:?} (virtual)");
+            if !self.step() {
+                self.now += MS;
+            }
+        }
+    }
+
+    /// Sends everything, feeding the send buffer as it drains.
+    fn send_all(&mut self, data: &[u8], labels: Labels, limit: Duration) {
+        let mut off = 0;
+        let end = self.now + limit;
+        while off < data.len() {
+            match self.a.send(&data[off..], labels) {
+                Ok(n) => off += n,
+                Err(SendError::Full) | Err(SendError::NoNetwork) => {
+                    assert!(self.now < end, "send stuck at {off}");
+                    if !self.step() {
+                        self.now += MS;
+                    }
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+}
+
+fn drain_due(q: &mut Vec<Packet>, now: Instant) -> Vec<Packet> {
+    let mut due = Vec::new();
+    let mut keep = Vec::new();
+    for p in q.drain(..) {
+        if p.at <= now { due.push(p) } else { keep.push(p) }
+    }
+    *q = keep;
+    due
+}
+
+fn payload(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add((i >> 8) as u8)).collect()
+}
+
+fn path_bytes(s: &Session, name: &str) -> u64 {
+    s.path_stats().iter().filter(|p| p.network.name == name).map(|p| p.bytes_sent).sum()
+}
+
+#[test]
+fn one_path_carries_a_stream_in_order() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    let data = payload(3_000_000, 1);
+    sim.send_all(&data, Labels::BACKGROUND, Duration::from_secs(60));
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len() && s.a.all_acked());
+    assert_eq!(sim.got, data);
+    assert_eq!(sim.got_labels, vec![(data.len(), Labels::BACKGROUND)]);
+}
+
+#[test]
+fn labels_choose_paths_and_reads_keep_label_runs() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_stats().iter().all(|p| p.established));
+    let bg = payload(400_000, 2);
+    let fg = payload(4_000, 3);
+    sim.send_all(&bg, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.send_all(&fg, Labels::ONDEMAND, Duration::from_secs(10));
+    let total = bg.len() + fg.len();
+    sim.run_until(Duration::from_secs(30), |s| s.got.len() == total);
+    assert_eq!(&sim.got[..bg.len()], &bg[..]);
+    assert_eq!(&sim.got[bg.len()..], &fg[..]);
+    assert_eq!(sim.got_labels, vec![(bg.len(), Labels::BACKGROUND), (fg.len(), Labels::ONDEMAND)]);
+    // Background went over Wi-Fi (bandwidth), on-demand over cell (RTT).
+    assert_eq!(path_bytes(&sim.a, "wifi"), bg.len() as u64);
+    assert_eq!(path_bytes(&sim.a, "cell"), fg.len() as u64);
+    // The accepting side received on the same paths.
+    let rx: u64 =
+        sim.b.path_stats().iter().filter(|p| p.network.name == "cell").map(|p| p.bytes_received).sum();
+    assert_eq!(rx, fg.len() as u64);
+}
+
+#[test]
+fn a_path_that_goes_down_has_its_data_resent_elsewhere() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    let data = payload(600_000, 4);
+    sim.send_all(&data, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_for(30 * MS);
+    // Wi-Fi is taken down: the driver closes the path; what was on it moves to cell at once.
+    sim.links.get_mut(&1).unwrap().up_ab = false;
+    sim.links.get_mut(&1).unwrap().up_ba = false;
+    let t0 = sim.now;
+    sim.a.remove_path(1, "network went down", sim.now);
+    sim.run_until(Duration::from_secs(5), |s| path_bytes(&s.a, "cell") > 0);
+    assert!(sim.now - t0 < 100 * MS, "resend started after {:?}", sim.now - t0);
+    // The peer learns on cell (PATH_DOWN) without waiting for a timeout.
+    sim.run_until(Duration::from_secs(1), |s| s.b.path_ids() == vec![2]);
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
+    assert_eq!(sim.got, data, "every byte once, in order");
+    let events: Vec<Event> = std::iter::from_fn(|| sim.a.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, Event::PathDown { path: 1, .. })));
+}
+
+#[test]
+fn a_silently_dead_path_is_found_by_missing_acks() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    let data = payload(200_000, 5);
+    sim.send_all(&data, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_for(20 * MS);
+    // Wi-Fi stops delivering anything, and nobody says so.
+    let link = sim.links.get_mut(&1).unwrap();
+    link.up_ab = false;
+    link.up_ba = false;
+    link.ab.clear();
+    link.ba.clear();
+    let t0 = sim.now;
+    sim.run_until(Duration::from_secs(10), |s| s.a.path_stats().iter().any(|p| p.troubled));
+    let detected = sim.now - t0;
+    assert!(detected < Duration::from_secs(1), "silent loss found after {detected:?}");
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
+    assert_eq!(sim.got, data);
+    // New data avoids the troubled path.
+    assert_eq!(sim.a.path_for(Labels::BACKGROUND), Some(2));
+
+    // Wi-Fi comes back: the late copies arrive as duplicates and are ignored; the path recovers.
+    let link = sim.links.get_mut(&1).unwrap();
+    link.up_ab = true;
+    link.up_ba = true;
+    sim.run_until(Duration::from_secs(5), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    let more = payload(50_000, 6);
+    sim.send_all(&more, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_until(Duration::from_secs(30), |s| s.got.len() == data.len() + more.len());
+    assert_eq!(&sim.got[data.len()..], &more[..]);
+}
+
+#[test]
+fn data_whose_labels_forbid_every_remaining_path_waits_for_one() {
+    let mut sim = Sim::new(strict_policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    let data = payload(300_000, 7);
+    sim.send_all(&data, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_for(10 * MS);
+    sim.links.get_mut(&1).unwrap().up_ab = false;
+    sim.a.remove_path(1, "down", sim.now);
+    sim.run_for(Duration::from_secs(3));
+    // Nothing went over the metered cell, and nothing was lost: it waits.
+    assert_eq!(path_bytes(&sim.a, "cell"), 0);
+    assert!(sim.got.len() < data.len());
+    assert_eq!(sim.a.send(b"x", Labels::BACKGROUND), Err(SendError::NoNetwork));
+    // Wi-Fi returns as a new path; everything arrives once.
+    sim.add_path(3, wifi(), 40 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
+    assert_eq!(sim.got, data);
+}
+
+#[test]
+fn reordering_across_paths_and_duplicates_deliver_once_in_order() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 5 * MS, 6_250_000);
+    for l in sim.links.values_mut() {
+        l.jitter = 30 * MS;
+    }
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_stats().iter().all(|p| p.established));
+    let mut expected = Vec::new();
+    let send_round = |sim: &mut Sim, expected: &mut Vec<u8>, rounds: usize| {
+        for i in 0..rounds {
+            let chunk = payload(20_000 + i * 1000, (expected.len() + i) as u8);
+            let labels = if i % 2 == 0 { Labels::BACKGROUND } else { Labels::SMALL };
+            sim.send_all(&chunk, labels, Duration::from_secs(10));
+            expected.extend_from_slice(&chunk);
+            sim.run_for(3 * MS);
+        }
+    };
+    // Interleaved labels: later bytes on the near path overtake earlier ones on the far path.
+    send_round(&mut sim, &mut expected, 20);
+    // A delay spike on Wi-Fi: it looks dead, its data is resent on cell, then the originals
+    // arrive too — duplicates, which must come out once.
+    sim.links.get_mut(&1).unwrap().delay = Duration::from_secs(2);
+    send_round(&mut sim, &mut expected, 20);
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() >= expected.len());
+    sim.links.get_mut(&1).unwrap().delay = 40 * MS;
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.got, expected);
+    let received: u64 = sim.b.path_stats().iter().map(|p| p.bytes_received).sum();
+    assert!(received > expected.len() as u64, "no duplicates happened: {received}");
+}
+
+#[test]
+fn flow_control_holds_the_sender_while_the_reader_sleeps() {
+    let cfg = SessionConfig { send_buffer: 4 << 20, recv_window: 1 << 20, ..SessionConfig::default() };
+    let mut sim = Sim::with_config(policy(), cfg);
+    sim.add_path(1, wifi(), 5 * MS, 50_000_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    sim.b_reads = false;
+    let data = payload(3 << 20, 8);
+    let mut off = 0;
+    for _ in 0..2000 {
+        match sim.a.send(&data[off..], Labels::NONE) {
+            Ok(n) => off += n,
+            Err(SendError::Full) => {}
+            Err(e) => panic!("{e}"),
+        }
+        sim.step();
+    }
+    // The receiver holds at most its window; the sender keeps the rest.
+    let held_by_b: u64 = sim.b.path_stats().iter().map(|p| p.bytes_received).sum();
+    assert!(held_by_b <= (1 << 20) + frame::MAX_CHUNK as u64, "receiver took {held_by_b}");
+    assert!(sim.a.unacked_bytes() > 0);
+    sim.b_reads = true;
+    sim.send_all(&data[off..], Labels::NONE, Duration::from_secs(60));
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
+    assert_eq!(sim.got, data);
+}
+
+#[test]
+fn shutdown_ends_the_stream_after_the_data() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 10 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    sim.send_all(b"last words", Labels::NONE, Duration::from_secs(1));
+    sim.a.shutdown();
+    assert_eq!(sim.a.send(b"more", Labels::NONE), Err(SendError::Shutdown));
+    sim.run_until(Duration::from_secs(5), |s| s.b_eof && s.a.all_acked());
+    assert_eq!(sim.got, b"last words");
+    // The FIN survives the loss of the path it went on.
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 10 * MS, 6_250_000);
+    sim.add_path(2, cell(), 10 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    sim.send_all(b"abc", Labels::BACKGROUND, Duration::from_secs(1));
+    sim.a.shutdown();
+    sim.transmit();
+    sim.links.get_mut(&1).unwrap().ab.clear();
+    sim.a.remove_path(1, "down", sim.now);
+    sim.run_until(Duration::from_secs(5), |s| s.b_eof && s.a.all_acked());
+    assert_eq!(sim.got, b"abc");
+}
+
+#[test]
+fn bad_input_is_an_error_for_that_path_only() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 10 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    let now = sim.now;
+    assert!(matches!(sim.b.handle_input(1, &[42, 0, 0, 0, 0], now), Err(SessionError::Frame(_))));
+    // DATA far beyond the window.
+    let mut out = BytesMut::new();
+    Frame::Data { offset: 1 << 40, labels: Labels::NONE, data: Bytes::from_static(b"x") }.encode(&mut out);
+    let mut fresh = Session::new(Role::Accepting, SessionId([1; 16]), SessionConfig::default(), policy());
+    fresh.add_path(5, wifi(), now);
+    assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
+    // A second HELLO on an open path.
+    let mut out = BytesMut::new();
+    Frame::Hello { version: 1, session: SessionId([1; 16]), path: 5, network: info_from_network(&wifi()) }
+        .encode(&mut out);
+    assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
+    // WELCOME to the accepting side.
+    let mut out = BytesMut::new();
+    Frame::Welcome { version: 1, session: SessionId([1; 16]), path: 5 }.encode(&mut out);
+    assert!(fresh.handle_input(5, &out, now).is_err());
+    // A version we do not speak.
+    let mut d = FrameDecoder::new();
+    let mut out = BytesMut::new();
+    Frame::Hello { version: 7, session: SessionId([1; 16]), path: 5, network: info_from_network(&wifi()) }
+        .encode(&mut out);
+    d.push(&out);
+    assert!(read_hello(&mut d).unwrap_err().to_string().contains("version 7"));
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Send(usize, u8),
+    Run(u16),
+    Vanish(PathId),
+    Revive(PathId),
+    Remove(PathId),
+    Add(PathId),
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => (1usize..50_000, 0u8..4).prop_map(|(n, l)| Op::Send(n, l)),
+            4 => (1u16..400).prop_map(Op::Run),
+            1 => (1u32..4).prop_map(Op::Vanish),
+            1 => (1u32..4).prop_map(Op::Revive),
+            1 => (1u32..4).prop_map(Op::Remove),
+            1 => (1u32..4).prop_map(Op::Add),
+        ],
+        1..40,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever happens to the paths, the receiver gets exactly the bytes sent, in order, once,
+    /// with their labels — as long as some path is left in the end.
+    #[test]
+    fn any_path_history_delivers_exactly_the_stream(ops in ops()) {
+        let mut sim = Sim::new(policy());
+        let nets = |id: PathId| if id % 2 == 1 { wifi() } else { cell() };
+        let mut next_id = 10;
+        sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+        sim.add_path(2, cell(), 10 * MS, 1_000_000);
+        let mut expected = Vec::new();
+        let mut labels_expected: Vec<(usize, Labels)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Send(n, l) => {
+                    let labels = [Labels::NONE, Labels::ONDEMAND, Labels::BACKGROUND, Labels::SMALL][l as usize];
+                    let data = payload(n, expected.len() as u8);
+                    let mut off = 0;
+                    for _ in 0..200 {
+                        match sim.a.send(&data[off..], labels) {
+                            Ok(k) => off += k,
+                            Err(_) => { sim.step(); }
+                        }
+                        if off == data.len() { break; }
+                    }
+                    expected.extend_from_slice(&data[..off]);
+                    if off > 0 {
+                        match labels_expected.last_mut() {
+                            Some((len, last)) if *last == labels => *len += off,
+                            _ => labels_expected.push((off, labels)),
+                        }
+                    }
+                }
+                Op::Run(ms) => sim.run_for(Duration::from_millis(ms as u64)),
+                Op::Vanish(i) | Op::Revive(i) | Op::Remove(i) => {
+                    let ids: Vec<PathId> = sim.links.keys().copied().collect();
+                    if ids.len() <= 1 { continue; }
+                    let id = ids[i as usize % ids.len()];
+                    let link = sim.links.get_mut(&id).unwrap();
+                    match op {
+                        Op::Vanish(_) => { link.up_ab = false; link.up_ba = false; }
+                        Op::Revive(_) => { link.up_ab = true; link.up_ba = true; }
+                        _ => {
+                            sim.links.remove(&id);
+                            sim.a.remove_path(id, "removed", sim.now);
+                            sim.b.remove_path(id, "removed", sim.now);
+                        }
+                    }
+                }
+                Op::Add(i) => {
+                    next_id += 1;
+                    sim.add_path(next_id, nets(i), 15 * MS, 2_000_000);
+                }
+            }
+        }
+        // Heal: every remaining link delivers; one fresh path of each kind.
+        for l in sim.links.values_mut() { l.up_ab = true; l.up_ba = true; }
+        sim.add_path(100, wifi(), 20 * MS, 6_250_000);
+        sim.add_path(101, cell(), 10 * MS, 1_000_000);
+        let want = expected.len();
+        sim.run_until(Duration::from_secs(600), |s| s.got.len() >= want && s.a.all_acked());
+        prop_assert_eq!(&sim.got, &expected);
+        prop_assert_eq!(&sim.got_labels, &labels_expected);
+    }
+}
