@@ -4,21 +4,37 @@
 //! restrictions) and cmm matches it to the network that serves that intent, deferring it while
 //! no suitable network is up.
 //!
-//! - [`target`]: [`Target`], a destination as a client names it.
-//! - [`net`]: interface-bound connects (`SO_BINDTODEVICE`) and resolution, with timeouts.
-//! - [`connector`]: [`Connector`], labels to a physical connection to a plain TCP server, now
-//!   or deferred until a matching network comes up. The proxy's upstreams go through it.
+//! - [`multisocket`]: [`MultiSocket`], the cmm API: labelled send/recv across every network,
+//!   thunks, `check_label`, `reset`, `thunk_cancel`; towards a cmm peer, or (plain mode) an
+//!   ordinary TCP server.
+//! - [`listener`]: [`Listener`], the accepting side.
+//! - [`session`]: the multi-socket protocol as a sans-IO state machine; [`frame`]: its wire
+//!   format (see `PROTOCOL.md`); a private driver runs it on tokio.
+//! - [`plain`]: one connection to an ordinary server on the network the labels choose, now or
+//!   deferred — the proxy's upstreams use it too.
+//! - [`connector`]: [`Connector`], the network choice and interface-bound connects under all of
+//!   the above; [`net`]: the socket calls; [`thunk`]: deferred operations; [`target`]: names.
 //!
 //! The vocabulary comes from `cmm-policy` and the network view from `cmm-scout`; both are
 //! re-exported here so an application needs only this crate.
 
 pub mod connector;
+mod driver;
 pub mod frame;
+pub mod listener;
+pub mod multisocket;
 pub mod net;
+pub mod plain;
 pub mod session;
 pub mod target;
+pub mod thunk;
 
 pub use cmm_policy::{Labels, Network, NetworkKind, Policy};
 pub use cmm_scout::{Scout, Snapshot};
-pub use connector::{ConnectError, Connected, Connector, Deferred, ErrorKind, Opening, Route};
+pub use connector::{ConnectError, Connected, Connector, ErrorKind, Route};
+pub use listener::Listener;
+pub use multisocket::{Callback, Callbacks, Check, MultiSocket, PathEvent, TrySend};
+pub use plain::{Deferred, Opening};
+pub use session::PathStats;
 pub use target::{Host, Target};
+pub use thunk::{Handler, Thunk};

@@ -298,6 +298,7 @@ pub struct Session {
     next_offset: u64,
     /// Every chunk not yet acknowledged: offset → length. The authority on what is still owed.
     unacked: BTreeMap<u64, usize>,
+    acked_chunks: usize,
     buffered: usize,
     /// Chunks that no usable path may carry now, by offset.
     waiting: BTreeMap<u64, Chunk>,
@@ -330,6 +331,7 @@ impl Session {
             events: VecDeque::new(),
             next_offset: 0,
             unacked: BTreeMap::new(),
+            acked_chunks: 0,
             buffered: 0,
             waiting: BTreeMap::new(),
             peer_window: INITIAL_WINDOW,
@@ -518,6 +520,17 @@ impl Session {
     /// Bytes accepted and not yet acknowledged.
     pub fn unacked_bytes(&self) -> usize {
         self.buffered
+    }
+
+    /// Stream bytes received in order so far (grows as data arrives, not as it is read).
+    pub fn received_bytes(&self) -> u64 {
+        self.rx_cumulative
+    }
+
+    /// How many chunks the peer has acknowledged so far (grows with every acknowledgement
+    /// that frees send buffer).
+    pub fn acked_count(&self) -> usize {
+        self.acked_chunks
     }
 
     /// Whether everything sent (and the end of stream, if shut down) is acknowledged.
@@ -793,6 +806,7 @@ impl Session {
         for o in newly {
             if let Some(len) = self.unacked.remove(&o) {
                 self.buffered -= len;
+                self.acked_chunks += 1;
                 self.waiting.remove(&o);
             }
         }

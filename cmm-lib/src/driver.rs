@@ -1,0 +1,662 @@
+//! The tokio driver of a cmm-mode multi-socket: it feeds a [`Session`] with sockets, time and
+//! the scout's view, and wakes the application.
+//!
+//! Each path has a reader task (bytes in → `handle_input`) and a writer task (`poll_transmit`
+//! → bytes out, vectored, the data chunk never copied). One timer task runs `handle_timeout`.
+//! On the connecting side a manager task keeps one path per (up network, remote address),
+//! closing paths whose network goes down and reopening with backoff. The session sits behind a
+//! `std::sync::Mutex` held only for the synchronous calls, never across an await; callbacks and
+//! thunks run outside the lock, on blocking threads.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use cmm_policy::{Labels, Network, NetworkKind};
+use cmm_scout::Snapshot;
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use crate::connector::Connector;
+use crate::frame::{PathId, SessionId};
+use crate::multisocket::{Callbacks, PathEvent};
+use crate::net;
+use crate::session::{Event, Role, Session, SessionConfig};
+use crate::thunk::{Thunk, Thunks};
+
+/// Longest a path may take from connect to WELCOME.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest wait before a failed path is dialled again.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long an accepting session lives without any path before it is closed.
+const ORPHAN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Unsent bytes a path socket may hold: the kernel's queue stays short, so acknowledgement
+/// times reflect the link, not our own backlog.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+struct PathIo {
+    writer: Arc<Notify>,
+    tasks: Vec<AbortHandle>,
+    /// Connecting side: the local network (`name/interface`) and remote address it was
+    /// dialled for.
+    key: Option<(String, SocketAddr)>,
+}
+
+/// What the driver holds under its lock.
+pub(crate) struct State {
+    pub(crate) session: Session,
+    paths: HashMap<PathId, PathIo>,
+    pub(crate) thunks: Thunks,
+    armed: Option<Instant>,
+    next_path: PathId,
+    /// After `reset`: no path is dialled until the next send.
+    pub(crate) reset_pending: bool,
+    closing: bool,
+    connecting: HashSet<(String, SocketAddr)>,
+    backoff: HashMap<(String, SocketAddr), (Instant, Duration)>,
+    pub(crate) last_error: Option<String>,
+    orphan_since: Option<Instant>,
+    background: Vec<AbortHandle>,
+}
+
+/// A cmm-mode multi-socket's shared core.
+pub(crate) struct CmmSocket {
+    state: Mutex<State>,
+    /// Woken when data (or end of stream) may be readable.
+    pub(crate) readable: Notify,
+    /// Woken when sending may go further (buffer space, a path came or went).
+    pub(crate) writable: Notify,
+    timer: Notify,
+    manager: Notify,
+    pub(crate) connector: Connector,
+    callbacks: Callbacks,
+    role: Role,
+    remotes: Vec<SocketAddr>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Counters that say whether waiting application calls should look again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    /// Grows when bytes, the end of stream or a close arrive.
+    received: (u64, bool, bool),
+    /// Grows when the peer acknowledges something.
+    acked: (usize, bool),
+}
+
+impl Progress {
+    fn of(s: &Session) -> Progress {
+        Progress {
+            received: (s.received_bytes(), s.read_closed(), s.closed().is_some()),
+            acked: (s.acked_count(), s.all_acked()),
+        }
+    }
+}
+
+/// What happened under the lock and must be acted on after it.
+#[derive(Default)]
+struct After {
+    up: Vec<PathEvent>,
+    down: Vec<PathEvent>,
+    thunks: Vec<Thunk>,
+}
+
+fn kind_labels(n: &Network) -> Labels {
+    match n.kind {
+        NetworkKind::Wifi | NetworkKind::Ethernet => Labels::WIFI_ONLY,
+        NetworkKind::Cellular => Labels::CELLULAR_ONLY,
+        NetworkKind::Other => Labels::NONE,
+    }
+}
+
+/// The labels a path serves now: its kind's restriction, and each of ONDEMAND, BACKGROUND,
+/// SMALL, LARGE that would choose it.
+fn labels_served(session: &Session, path: PathId, network: &Network) -> Labels {
+    let mut bits = kind_labels(network).bits();
+    for l in [Labels::ONDEMAND, Labels::BACKGROUND, Labels::SMALL, Labels::LARGE] {
+        if session.path_for(l) == Some(path) {
+            bits |= l.bits();
+        }
+    }
+    // Either of ONDEMAND/BACKGROUND (and SMALL/LARGE) may both choose this path; the set is
+    // informational, so keep the first of each pair rather than an invalid combination.
+    Labels::from_bits(bits)
+        .or_else(|_| Labels::from_bits(bits & !(Labels::BACKGROUND.bits() | Labels::LARGE.bits())))
+        .unwrap_or(Labels::NONE)
+}
+
+/// A network's identity in path keys: name and interface (unique in any snapshot).
+fn net_key(n: &Network) -> String {
+    format!("{}/{}", n.name, n.interface)
+}
+
+fn random_session_id() -> io::Result<SessionId> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut id)?;
+    Ok(SessionId(id))
+}
+
+impl CmmSocket {
+    fn new(
+        role: Role,
+        id: SessionId,
+        connector: Connector,
+        callbacks: Callbacks,
+        remotes: Vec<SocketAddr>,
+        cfg: SessionConfig,
+    ) -> Arc<CmmSocket> {
+        let policy = Arc::new(connector.policy().clone());
+        Arc::new(CmmSocket {
+            state: Mutex::new(State {
+                session: Session::new(role, id, cfg, policy),
+                paths: HashMap::new(),
+                thunks: Thunks::default(),
+                armed: None,
+                next_path: 1,
+                reset_pending: false,
+                closing: false,
+                connecting: HashSet::new(),
+                backoff: HashMap::new(),
+                last_error: None,
+                orphan_since: None,
+                background: Vec::new(),
+            }),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            timer: Notify::new(),
+            manager: Notify::new(),
+            connector,
+            callbacks,
+            role,
+            remotes,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// A connecting multi-socket to `remotes`; paths open as networks come up.
+    pub(crate) fn connecting(
+        connector: Connector,
+        remotes: Vec<SocketAddr>,
+        callbacks: Callbacks,
+    ) -> io::Result<Arc<CmmSocket>> {
+        let sock = CmmSocket::new(
+            Role::Connecting,
+            random_session_id()?,
+            connector,
+            callbacks,
+            remotes,
+            SessionConfig::default(),
+        );
+        let timer = sock.runtime.spawn(timer_loop(sock.clone()));
+        let manager = sock.runtime.spawn(manage_paths(sock.clone()));
+        sock.lock().background = vec![timer.abort_handle(), manager.abort_handle()];
+        Ok(sock)
+    }
+
+    /// An accepting multi-socket for a session the peer named.
+    pub(crate) fn accepting(connector: Connector, id: SessionId) -> Arc<CmmSocket> {
+        let sock = CmmSocket::new(
+            Role::Accepting,
+            id,
+            connector,
+            Callbacks::default(),
+            Vec::new(),
+            SessionConfig::default(),
+        );
+        let timer = sock.runtime.spawn(timer_loop(sock.clone()));
+        sock.lock().background = vec![timer.abort_handle()];
+        sock
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the state, then wakes whoever its changes concern, and runs callbacks and
+    /// ready thunks outside the lock.
+    pub(crate) fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let (r, after) = {
+            let mut st = self.lock();
+            let before = Progress::of(&st.session);
+            let r = f(&mut st);
+            let after = self.collect(&mut st, before);
+            (r, after)
+        };
+        self.dispatch(after);
+        r
+    }
+
+    fn collect(&self, st: &mut State, before: Progress) -> After {
+        let mut after = After::default();
+        let now = Progress::of(&st.session);
+        let mut paths_changed = false;
+        while let Some(e) = st.session.poll_event() {
+            paths_changed = true;
+            match e {
+                Event::PathUp { path, network } => {
+                    let labels = labels_served(&st.session, path, &network);
+                    tracing::debug!(path, network = %network.name, %labels, "path up");
+                    after.up.push(PathEvent { path, network, labels });
+                }
+                Event::PathDown { path, network, reason } => {
+                    tracing::debug!(path, network = %network.name, "path down: {reason}");
+                    let labels = kind_labels(&network);
+                    after.down.push(PathEvent { path, network, labels });
+                }
+                Event::PathTroubled { path } => tracing::debug!(path, "path troubled: no acknowledgement"),
+                Event::PathRecovered { path } => tracing::debug!(path, "path recovered"),
+                Event::Closed { reason } => tracing::debug!("session closed by the peer: {reason}"),
+            }
+        }
+        for p in st.paths.values() {
+            p.writer.notify_one();
+        }
+        // Wake application waiters only on progress: a waiter that wakes itself would spin.
+        if now.received != before.received {
+            self.readable.notify_waiters();
+        }
+        if now.acked != before.acked || paths_changed {
+            self.writable.notify_waiters();
+            if paths_changed {
+                self.readable.notify_waiters();
+            }
+        }
+        let next = st.session.poll_timeout();
+        if let Some(t) = next
+            && st.armed.is_none_or(|a| t < a)
+        {
+            self.timer.notify_one();
+        }
+        if st.paths.is_empty() {
+            st.orphan_since.get_or_insert_with(Instant::now);
+        } else {
+            st.orphan_since = None;
+        }
+        if !st.thunks.is_empty() {
+            let session = &st.session;
+            after.thunks = st.thunks.take_ready(|l| session.path_for(l).is_some());
+        }
+        after
+    }
+
+    fn dispatch(&self, after: After) {
+        for e in after.up {
+            if let Some(cb) = self.callbacks.label_up.clone() {
+                self.runtime.spawn_blocking(move || cb(&e));
+            }
+        }
+        for e in after.down {
+            if let Some(cb) = self.callbacks.label_down.clone() {
+                self.runtime.spawn_blocking(move || cb(&e));
+            }
+        }
+        for t in after.thunks {
+            self.runtime.spawn_blocking(move || t.run());
+        }
+    }
+
+    /// Attaches a connected socket as path `id` and starts its reader and writer.
+    fn start_path(
+        self: &Arc<Self>,
+        id: PathId,
+        stream: TcpStream,
+        initial: BytesMut,
+        key: Option<(String, SocketAddr)>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let _ = SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+        let _ = net::keepalive(&stream);
+        let (rd, wr) = stream.into_split();
+        let writer = Arc::new(Notify::new());
+        let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
+        let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial));
+        let tasks = vec![w.abort_handle(), r.abort_handle()];
+        let mut st = self.lock();
+        if st.closing || !st.session.path_ids().contains(&id) {
+            // Closed meanwhile: do not leave tasks behind.
+            for t in tasks {
+                t.abort();
+            }
+            return;
+        }
+        st.paths.insert(id, PathIo { writer, tasks, key });
+    }
+
+    /// Ends path `id` (its socket failed, its network went down, or it broke the protocol).
+    pub(crate) fn end_path(&self, id: PathId, reason: &str) {
+        self.mutate(|st| {
+            if let Some(io) = st.paths.remove(&id) {
+                for t in io.tasks {
+                    t.abort();
+                }
+                if let Some(key) = io.key {
+                    let entry = st.backoff.entry(key).or_insert((Instant::now(), BACKOFF_MIN));
+                    entry.0 = Instant::now() + entry.1;
+                    entry.1 = (entry.1 * 2).min(BACKOFF_MAX);
+                }
+            }
+            st.session.remove_path(id, reason, Instant::now());
+        });
+        self.manager.notify_one();
+    }
+
+    /// Adds a path the listener accepted (its HELLO already read).
+    pub(crate) fn add_accepted_path(
+        self: &Arc<Self>,
+        id: PathId,
+        network: Network,
+        stream: TcpStream,
+        rest: BytesMut,
+    ) -> bool {
+        let added = self.mutate(|st| {
+            if st.closing || st.session.path_ids().contains(&id) {
+                return false;
+            }
+            st.session.add_path(id, network, Instant::now());
+            true
+        });
+        if added {
+            self.start_path(id, stream, rest, None);
+        }
+        added
+    }
+
+    /// Opens the paths the scout says should exist, and ends those whose network is down.
+    fn reconcile(self: &Arc<Self>, snap: &Snapshot) {
+        let mut to_end = Vec::new();
+        let mut to_open = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.closing {
+                return;
+            }
+            for (&id, io) in &st.paths {
+                if let Some((key, _)) = &io.key {
+                    let now = snap.networks.iter().find(|n| &net_key(n) == key);
+                    if now.is_none_or(|n| !n.up) {
+                        let why = now.and_then(|n| n.down_reason.clone()).unwrap_or_else(|| "gone".into());
+                        to_end.push((id, format!("network {key} went down: {why}")));
+                    }
+                }
+            }
+            if !st.reset_pending {
+                let now = Instant::now();
+                let open: HashSet<(String, SocketAddr)> =
+                    st.paths.values().filter_map(|p| p.key.clone()).collect();
+                for n in snap.up() {
+                    for &remote in &self.remotes {
+                        let key = (net_key(n), remote);
+                        let family_ok = n.addresses.iter().any(|a| a.is_ipv4() == remote.is_ipv4());
+                        let waiting = st.backoff.get(&key).is_some_and(|(at, _)| now < *at);
+                        if family_ok && !open.contains(&key) && !st.connecting.contains(&key) && !waiting {
+                            st.connecting.insert(key);
+                            to_open.push((n.clone(), remote));
+                        }
+                    }
+                }
+            }
+        }
+        for (id, why) in to_end {
+            self.end_path(id, &why);
+        }
+        for (network, remote) in to_open {
+            self.runtime.spawn(dial(self.clone(), network, remote));
+        }
+    }
+
+    /// Drops every path; the next send dials again (libcmm's `cmm_reset`).
+    pub(crate) fn reset(&self) {
+        let ids: Vec<PathId> = self.mutate(|st| {
+            st.reset_pending = true;
+            st.paths.keys().copied().collect()
+        });
+        for id in ids {
+            self.end_path(id, "reset");
+        }
+    }
+
+    /// Leaves the reset state (a send or check needs the network again).
+    pub(crate) fn resume_after_reset(&self, st: &mut State) {
+        if st.reset_pending {
+            st.reset_pending = false;
+            self.manager.notify_one();
+        }
+    }
+
+    /// Closes: FIN, wait (up to `linger`) until the peer has everything, CLOSE, drop paths.
+    pub(crate) async fn close(self: &Arc<Self>, linger: Duration) {
+        self.mutate(|st| st.session.shutdown());
+        let deadline = tokio::time::Instant::now() + linger;
+        loop {
+            let notified = self.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let done = {
+                let st = self.lock();
+                st.session.all_acked() || st.session.closed().is_some() || st.paths.is_empty()
+            };
+            if done || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.mutate(|st| {
+            st.closing = true;
+            st.session.close("closed");
+        });
+        // Let the writers put CLOSE on the wire.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.abort_all();
+    }
+
+    /// Stops every task and drops every socket at once.
+    pub(crate) fn abort_all(&self) {
+        let mut st = self.lock();
+        st.closing = true;
+        for (_, io) in st.paths.drain() {
+            for t in io.tasks {
+                t.abort();
+            }
+        }
+        for t in st.background.drain(..) {
+            t.abort();
+        }
+        drop(st);
+        self.readable.notify_waiters();
+        self.writable.notify_waiters();
+    }
+
+    pub(crate) fn role(&self) -> Role {
+        self.role
+    }
+
+    pub(crate) fn remotes(&self) -> &[SocketAddr] {
+        &self.remotes
+    }
+
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Stores a thunk for `labels`.
+    pub(crate) fn store_thunk(st: &mut State, labels: Labels, thunk: Thunk) {
+        st.thunks.push(labels, thunk);
+    }
+
+    /// For the accepting side: whether the session has had no path for too long.
+    fn orphaned(&self) -> bool {
+        let st = self.lock();
+        st.orphan_since.is_some_and(|t| t.elapsed() > ORPHAN_TIMEOUT)
+    }
+}
+
+async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
+    let key = (net_key(&network), remote);
+    let timeout = sock.connector.connect_timeout();
+    match net::connect(remote, Some(&network), timeout).await {
+        Ok(stream) => {
+            let id = sock.mutate(|st| {
+                st.connecting.remove(&key);
+                if st.closing {
+                    return None;
+                }
+                let id = st.next_path;
+                st.next_path += 1;
+                st.session.add_path(id, network.clone(), Instant::now());
+                Some(id)
+            });
+            let Some(id) = id else { return };
+            tracing::debug!(path = id, network = %network.name, %remote, "path connected, saying HELLO");
+            sock.start_path(id, stream, BytesMut::new(), Some(key));
+            tokio::time::sleep(HANDSHAKE_TIMEOUT).await;
+            let pending = sock.lock().session.path_stats().iter().any(|p| p.path == id && !p.established);
+            if pending {
+                sock.end_path(id, "no WELCOME from the peer");
+            }
+        }
+        Err(e) => {
+            tracing::debug!(network = %network.name, %remote, "dial failed: {e}");
+            sock.mutate(|st| {
+                st.connecting.remove(&key);
+                let entry = st.backoff.entry(key).or_insert((Instant::now(), BACKOFF_MIN));
+                entry.0 = Instant::now() + entry.1;
+                entry.1 = (entry.1 * 2).min(BACKOFF_MAX);
+                st.last_error = Some(format!("connect to {remote} via {}: {e}", network.interface));
+            });
+        }
+    }
+}
+
+async fn manage_paths(sock: Arc<CmmSocket>) {
+    let mut sub = sock.connector.scout().subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        sock.reconcile(&sub.snapshot());
+        tokio::select! {
+            next = sub.next() => if next.is_none() { return },
+            _ = sock.manager.notified() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+async fn timer_loop(sock: Arc<CmmSocket>) {
+    let mut orphan_check = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let deadline = {
+            let mut st = sock.lock();
+            let d = st.session.poll_timeout();
+            st.armed = d;
+            d
+        };
+        let notified = sock.timer.notified();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => sock.mutate(|st| st.session.handle_timeout(Instant::now())),
+            _ = notified => {}
+            _ = orphan_check.tick() => {
+                if sock.role == Role::Accepting && sock.orphaned() {
+                    tracing::info!("closing a session that had no path for {ORPHAN_TIMEOUT:?}");
+                    sock.mutate(|st| st.session.close("no path left"));
+                    sock.abort_all();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn read_loop(sock: Arc<CmmSocket>, id: PathId, mut rd: OwnedReadHalf, initial: BytesMut) {
+    if !initial.is_empty()
+        && let Err(e) = sock.mutate(|st| st.session.handle_input(id, &initial, Instant::now()))
+    {
+        sock.end_path(id, &format!("protocol error: {e}"));
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    loop {
+        buf.clear();
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                sock.end_path(id, "closed by the peer");
+                return;
+            }
+            Ok(_) => {
+                if let Err(e) = sock.mutate(|st| st.session.handle_input(id, &buf, Instant::now())) {
+                    tracing::info!(path = id, "closing a path: {e}");
+                    sock.end_path(id, &format!("protocol error: {e}"));
+                    return;
+                }
+            }
+            Err(e) => {
+                sock.end_path(id, &e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, notify: Arc<Notify>) {
+    loop {
+        let next = {
+            let mut st = sock.lock();
+            let t = st.session.poll_transmit(id, Instant::now());
+            if t.is_some()
+                && let Some(d) = st.session.poll_timeout()
+                && st.armed.is_none_or(|a| d < a)
+            {
+                sock.timer.notify_one();
+            }
+            t
+        };
+        let Some(t) = next else {
+            notify.notified().await;
+            continue;
+        };
+        let result = async {
+            if t.payload.is_empty() {
+                wr.write_all(&t.header).await
+            } else {
+                write_two(&mut wr, &t.header, &t.payload).await
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            sock.end_path(id, &format!("write failed: {e}"));
+            return;
+        }
+    }
+}
+
+/// Writes two buffers with as few system calls as the kernel allows.
+async fn write_two(wr: &mut OwnedWriteHalf, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut a = a;
+    let mut b = b;
+    while !a.is_empty() {
+        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        let n = wr.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    wr.write_all(b).await
+}

@@ -1,0 +1,155 @@
+//! [`Listener`]: the accepting side (libcmm's `cmm_listen`/`cmm_accept`).
+//!
+//! Every TCP connection must open with HELLO (within a timeout). The session it names decides
+//! where it goes: a session seen for the first time becomes a new [`MultiSocket`], which
+//! [`Listener::accept`] returns; a known one gets the connection as one more path. The
+//! accepting side never dials, so the peer may sit behind NAT.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::connector::Connector;
+use crate::driver::CmmSocket;
+use crate::frame::{FrameDecoder, SessionId};
+use crate::multisocket::MultiSocket;
+use crate::session::{network_from_info, read_hello};
+
+/// How long a new connection may take to say HELLO.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// New sessions waiting for `accept`; past this the listener stops reading new HELLOs.
+const BACKLOG: usize = 128;
+
+type Sessions = Arc<Mutex<HashMap<SessionId, Weak<CmmSocket>>>>;
+
+/// Accepts multi-sockets.
+pub struct Listener {
+    local: SocketAddr,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<MultiSocket>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Listener {
+    /// Listens on `addr`; sessions choose their paths with `connector`'s policy.
+    pub async fn bind(addr: SocketAddr, connector: Connector) -> io::Result<Listener> {
+        let listener = TcpListener::bind(addr).await?;
+        Listener::from_tcp(listener, connector)
+    }
+
+    /// Accepts multi-sockets on an already bound and listening socket.
+    pub fn from_tcp(listener: TcpListener, connector: Connector) -> io::Result<Listener> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
+        let task = tokio::spawn(accept_loop(listener, connector, sessions, tx));
+        Ok(Listener { local, incoming: tokio::sync::Mutex::new(rx), task })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The next new multi-socket (a session seen for the first time).
+    pub async fn accept(&self) -> io::Result<MultiSocket> {
+        let mut rx = self.incoming.lock().await;
+        rx.recv().await.ok_or_else(|| io::Error::other("the listener stopped"))
+    }
+
+    /// A new multi-socket if one is waiting, without waiting.
+    pub fn try_accept(&self) -> Option<MultiSocket> {
+        self.incoming.try_lock().ok()?.try_recv().ok()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    connector: Connector,
+    sessions: Sessions,
+    tx: mpsc::Sender<MultiSocket>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let (connector, sessions, tx) = (connector.clone(), sessions.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = attach(stream, peer, connector, sessions, tx).await {
+                tracing::info!(%peer, "refused a path: {e}");
+            }
+        });
+    }
+}
+
+/// Reads HELLO and hands the connection to its session.
+async fn attach(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    connector: Connector,
+    sessions: Sessions,
+    tx: mpsc::Sender<MultiSocket>,
+) -> io::Result<()> {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        loop {
+            match read_hello(&mut decoder) {
+                Ok(Some(h)) => return Ok(h),
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before HELLO"));
+            }
+            decoder.push(&buf[..n]);
+        }
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time"))??;
+    let (id, path, info) = hello;
+    let rest = decoder.take_buffered();
+    let network = network_from_info(&info, path);
+    let (sock, new) = {
+        let mut map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&id).and_then(Weak::upgrade) {
+            Some(s) => (s, false),
+            None => {
+                map.retain(|_, w| w.strong_count() > 0);
+                let s = CmmSocket::accepting(connector, id);
+                map.insert(id, Arc::downgrade(&s));
+                (s, true)
+            }
+        }
+    };
+    tracing::debug!(%peer, path, network = %info.name, new, "path accepted");
+    if !sock.add_accepted_path(path, network, stream, rest) {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("path {path} already open")));
+    }
+    if new {
+        tx.send(MultiSocket::from_cmm(sock)).await.map_err(|_| io::Error::other("the listener is gone"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! [`MultiSocket`]: the cmm API — one socket spanning every network, with labelled sends,
+//! thunks, `check_label`, `reset` and `thunk_cancel`.
+//!
+//! Two modes share this type:
+//! - **cmm** ([`MultiSocket::connect`], [`crate::Listener::accept`]): towards a cmm peer. One
+//!   physical connection per (network, remote address); every byte goes on a network its labels
+//!   choose; data in flight on a lost network is resent on another; nothing is lost.
+//! - **plain** ([`MultiSocket::connect_plain`]): towards an ordinary TCP server. One connection
+//!   at a time on the network the labels choose; a lost network drops it and the next send
+//!   dials again.
+//!
+//! Dropping the last handle closes the socket gracefully in the background (everything sent is
+//! delivered first, within a linger of 10 s); [`MultiSocket::close`] does the same and waits.
+
+use std::any::Any;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cmm_policy::{Labels, Network};
+
+use crate::connector::Connector;
+use crate::driver::CmmSocket;
+use crate::plain::PlainSocket;
+use crate::session::{PathStats, RecvError, Role, SendError};
+use crate::target::Target;
+use crate::thunk::{Handler, Thunk};
+
+/// How long a closing socket waits for the peer to acknowledge everything.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// A physical connection came or went: which, on what network, serving which labels.
+#[derive(Clone, Debug)]
+pub struct PathEvent {
+    /// The path (a connection number within this socket).
+    pub path: u32,
+    /// Its network.
+    pub network: Network,
+    /// The labels it serves: its kind's restriction (WIFI_ONLY, CELLULAR_ONLY) and, when it
+    /// comes up, each of ONDEMAND/BACKGROUND/SMALL/LARGE that now chooses it.
+    pub labels: Labels,
+}
+
+/// A `label_up` / `label_down` callback.
+pub type Callback = Arc<dyn Fn(&PathEvent) + Send + Sync>;
+
+/// libcmm's connection callbacks: run (on a library thread) whenever a physical connection is
+/// set up or torn down, for application-level setup and teardown.
+#[derive(Clone, Default)]
+pub struct Callbacks {
+    /// A physical connection is up.
+    pub label_up: Option<Callback>,
+    /// A physical connection is gone.
+    pub label_down: Option<Callback>,
+}
+
+/// What a non-blocking send did.
+#[derive(Debug)]
+pub enum TrySend {
+    /// This many bytes were taken.
+    Sent(usize),
+    /// No network fits the labels: the thunk was stored and runs when one comes up.
+    Deferred,
+    /// A real failure (or `WouldBlock`: no room, or no network and no thunk).
+    Failed(io::Error),
+}
+
+/// What `check_label` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A network that fits is up.
+    Ready,
+    /// None is: the thunk was stored.
+    Deferred,
+    /// None is, and there was no thunk.
+    Failed,
+}
+
+/// A socket spanning every network.
+#[derive(Clone)]
+pub struct MultiSocket {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    Cmm(Arc<CmmSocket>),
+    Plain(Arc<PlainSocket>),
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        match &self.mode {
+            Mode::Cmm(s) => {
+                let s = s.clone();
+                let rt = s.runtime().clone();
+                rt.spawn(async move { s.close(LINGER).await });
+            }
+            Mode::Plain(p) => p.close(),
+        }
+    }
+}
+
+fn send_error(e: SendError) -> io::Error {
+    match e {
+        SendError::NoNetwork => io::Error::new(io::ErrorKind::WouldBlock, "no network matches the labels"),
+        SendError::Full => io::ErrorKind::WouldBlock.into(),
+        SendError::Shutdown => io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()),
+        SendError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
+    }
+}
+
+impl MultiSocket {
+    pub(crate) fn from_cmm(s: Arc<CmmSocket>) -> MultiSocket {
+        MultiSocket { handle: Arc::new(Handle { mode: Mode::Cmm(s) }) }
+    }
+
+    fn mode(&self) -> &Mode {
+        &self.handle.mode
+    }
+
+    /// Connects to a cmm peer at `remote` (every address it resolves to is a remote address;
+    /// paths open on every up network to each). Returns once a path that `initial_labels`
+    /// would use is up, waiting up to the policy's maximum wait for those labels.
+    pub async fn connect(
+        connector: &Connector,
+        remote: impl ToSocketAddrs,
+        initial_labels: Labels,
+        callbacks: Callbacks,
+    ) -> io::Result<MultiSocket> {
+        let remotes: Vec<SocketAddr> = remote.to_socket_addrs()?.collect();
+        if remotes.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to"));
+        }
+        let sock = CmmSocket::connecting(connector.clone(), remotes, callbacks)?;
+        let ms = MultiSocket::from_cmm(sock.clone());
+        let wait = connector.policy().max_wait(initial_labels).max(connector.connect_timeout() * 2);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = sock.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if sock.lock().session.path_for(initial_labels).is_some() {
+                return Ok(ms);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let last =
+                    sock.lock().last_error.clone().unwrap_or_else(|| "no network fits the labels".into());
+                sock.abort_all();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no path within {wait:?}: {last}"),
+                ));
+            }
+        }
+    }
+
+    /// Connects to an ordinary TCP server (plain mode) on the network `labels` choose,
+    /// waiting for one up to the policy's maximum wait.
+    pub async fn connect_plain(
+        connector: &Connector,
+        target: Target,
+        labels: Labels,
+        callbacks: Callbacks,
+    ) -> io::Result<MultiSocket> {
+        let p = PlainSocket::connect(connector.clone(), target, labels, callbacks).await?;
+        Ok(MultiSocket { handle: Arc::new(Handle { mode: Mode::Plain(p) }) })
+    }
+
+    /// Whether this socket speaks cmm to its peer (false: plain mode).
+    pub fn is_cmm(&self) -> bool {
+        matches!(self.mode(), Mode::Cmm(_))
+    }
+
+    /// Sends all of `buf` on networks `labels` choose. Waits for buffer room, and for a
+    /// matching network up to the policy's maximum wait for the labels.
+    pub async fn send(&self, buf: &[u8], labels: Labels) -> io::Result<usize> {
+        let s = match self.mode() {
+            Mode::Plain(p) => return p.send(buf, labels).await,
+            Mode::Cmm(s) => s,
+        };
+        let max_wait = s.connector.policy().max_wait(labels);
+        let mut no_network_since: Option<tokio::time::Instant> = None;
+        let mut off = 0;
+        while off < buf.len() {
+            let notified = s.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let r = s.mutate(|st| {
+                s.resume_after_reset(st);
+                st.session.send(&buf[off..], labels)
+            });
+            match r {
+                Ok(n) => {
+                    off += n;
+                    no_network_since = None;
+                    continue;
+                }
+                Err(SendError::Full) => notified.await,
+                Err(SendError::NoNetwork) => {
+                    let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
+                    if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
+                        if off > 0 {
+                            return Ok(off);
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no network for {labels} within {max_wait:?}"),
+                        ));
+                    }
+                }
+                Err(e) => return Err(send_error(e)),
+            }
+        }
+        Ok(off)
+    }
+
+    /// Sends what fits now. If no network fits `labels`, stores `thunk` (when given) to run
+    /// once one does, and returns `Deferred`.
+    pub fn try_send(&self, buf: &[u8], labels: Labels, thunk: Option<Thunk>) -> TrySend {
+        let s = match self.mode() {
+            Mode::Plain(p) => return p.try_send(buf, labels, thunk),
+            Mode::Cmm(s) => s,
+        };
+        s.mutate(|st| {
+            s.resume_after_reset(st);
+            match st.session.send(buf, labels) {
+                Ok(n) => TrySend::Sent(n),
+                Err(SendError::NoNetwork) => match thunk {
+                    Some(t) => {
+                        CmmSocket::store_thunk(st, labels, t);
+                        TrySend::Deferred
+                    }
+                    None => TrySend::Failed(send_error(SendError::NoNetwork)),
+                },
+                Err(e) => TrySend::Failed(send_error(e)),
+            }
+        })
+    }
+
+    /// Receives bytes and the labels their sender used (never two label sets in one call).
+    /// `Ok((0, _))` is the end of the stream.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Labels)> {
+        let s = match self.mode() {
+            Mode::Plain(p) => return p.recv(buf).await,
+            Mode::Cmm(s) => s,
+        };
+        loop {
+            let notified = s.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match s.mutate(|st| st.session.recv(buf)) {
+                Ok(r) => return Ok(r),
+                Err(RecvError::Closed(r)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
+                Err(RecvError::WouldBlock) => notified.await,
+            }
+        }
+    }
+
+    /// Receives without waiting (`WouldBlock` when nothing is there).
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<(usize, Labels)> {
+        match self.mode() {
+            Mode::Plain(p) => p.try_recv(buf),
+            Mode::Cmm(s) => match s.mutate(|st| st.session.recv(buf)) {
+                Ok(r) => Ok(r),
+                Err(RecvError::Closed(r)) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
+                Err(RecvError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            },
+        }
+    }
+
+    /// `Ready` if a network that fits `labels` is up; otherwise stores `thunk` (`Deferred`),
+    /// or `Failed` without one.
+    pub fn check_label(&self, labels: Labels, thunk: Option<Thunk>) -> Check {
+        let s = match self.mode() {
+            Mode::Plain(p) => return p.check_label(labels, thunk),
+            Mode::Cmm(s) => s,
+        };
+        s.mutate(|st| {
+            s.resume_after_reset(st);
+            if st.session.path_for(labels).is_some() {
+                return Check::Ready;
+            }
+            match thunk {
+                Some(t) => {
+                    CmmSocket::store_thunk(st, labels, t);
+                    Check::Deferred
+                }
+                None => Check::Failed,
+            }
+        })
+    }
+
+    /// Cancels the thunks stored for exactly `labels` with this handler, giving each argument
+    /// to `deleter`; returns how many.
+    pub fn thunk_cancel(
+        &self,
+        labels: Labels,
+        handler: Handler,
+        deleter: impl FnMut(Box<dyn Any + Send>),
+    ) -> usize {
+        self.thunk_cancel_matching(labels, |t| t.has_handler(handler), deleter)
+    }
+
+    /// Like [`MultiSocket::thunk_cancel`], with any predicate (the C API matches arguments).
+    pub fn thunk_cancel_matching(
+        &self,
+        labels: Labels,
+        matches: impl FnMut(&Thunk) -> bool,
+        deleter: impl FnMut(Box<dyn Any + Send>),
+    ) -> usize {
+        match self.mode() {
+            Mode::Plain(p) => p.thunk_cancel(labels, matches, deleter),
+            Mode::Cmm(s) => s.mutate(|st| st.thunks.cancel(labels, matches, deleter)),
+        }
+    }
+
+    /// Back to the state right after connect: every physical connection is dropped; the next
+    /// send dials again (and `label_up` runs). Nothing sent is lost.
+    pub fn reset(&self) {
+        match self.mode() {
+            Mode::Plain(p) => p.reset(),
+            Mode::Cmm(s) => s.reset(),
+        }
+    }
+
+    /// Ends this side's stream (half-close): the peer reads to the end, then sees end of stream.
+    pub fn shutdown(&self) -> io::Result<()> {
+        match self.mode() {
+            Mode::Plain(p) => p.shutdown(),
+            Mode::Cmm(s) => {
+                s.mutate(|st| st.session.shutdown());
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes: what was sent is delivered first (up to a 10 s linger), then every connection
+    /// closes. Other handles to this socket see it closed.
+    pub async fn close(self) {
+        match self.mode() {
+            Mode::Plain(p) => p.close(),
+            Mode::Cmm(s) => s.close(LINGER).await,
+        }
+    }
+
+    /// Every physical connection, with its network and byte counters.
+    pub fn paths(&self) -> Vec<PathStats> {
+        match self.mode() {
+            Mode::Plain(p) => p.paths(),
+            Mode::Cmm(s) => s.lock().session.path_stats(),
+        }
+    }
+
+    /// The peer's address: the first remote address (cmm), or the connected server (plain).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match self.mode() {
+            Mode::Plain(p) => p.addrs().map(|a| a.1),
+            Mode::Cmm(s) => match s.role() {
+                Role::Connecting => s.remotes().first().copied(),
+                Role::Accepting => None,
+            },
+        }
+    }
+
+    /// Bytes sent and not yet acknowledged by the peer (cmm mode).
+    pub fn unacked(&self) -> usize {
+        match self.mode() {
+            Mode::Plain(_) => 0,
+            Mode::Cmm(s) => s.lock().session.unacked_bytes(),
+        }
+    }
+
+    /// Whether the peer has ended its stream and everything was read.
+    pub fn read_closed(&self) -> bool {
+        match self.mode() {
+            Mode::Plain(_) => false,
+            Mode::Cmm(s) => s.lock().session.read_closed(),
+        }
+    }
+
+    /// Waits until something may have changed for readers (for the C API's readiness).
+    pub async fn readable_changed(&self) {
+        match self.mode() {
+            Mode::Plain(p) => p.changed().notified().await,
+            Mode::Cmm(s) => s.readable.notified().await,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The multi-socket API over real sockets on loopback. Two "networks" are both bound to `lo`,
+//! described as Wi-Fi (fast, far) and cellular (slow, near, metered); the scout is set by hand
+//! so a network can be taken down and brought back at will.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cmm::{
+    Callbacks, Check, Connector, Labels, Listener, MultiSocket, Network, NetworkKind, Policy, Scout, Target,
+    Thunk, TrySend,
+};
+use cmm_policy::{LabelPolicy, NetworkRef, NoMatch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+fn net(name: &str, kind: NetworkKind, mbit: u64, rtt_ms: u64, metered: bool) -> Network {
+    let mut n = Network::new(name, "lo", kind);
+    n.declared.bandwidth_down = Some(mbit * 1_000_000);
+    n.declared.bandwidth_up = Some(mbit * 1_000_000);
+    n.declared.rtt = Some(Duration::from_millis(rtt_ms));
+    n.metered = metered;
+    n.addresses = vec!["127.0.0.1".parse().unwrap()];
+    n
+}
+
+fn networks() -> Vec<Network> {
+    vec![net("wifi", NetworkKind::Wifi, 50, 80, false), net("cell", NetworkKind::Cellular, 2, 30, true)]
+}
+
+/// Background may not use the metered network.
+fn strict() -> Policy {
+    let mut p = Policy::default();
+    p.label_policies.push(LabelPolicy {
+        labels: Labels::BACKGROUND,
+        networks: Some(vec![NetworkRef::Any]),
+        metered: false,
+        on_no_match: NoMatch::Defer,
+        max_wait: Duration::from_secs(30),
+    });
+    p
+}
+
+struct Pair {
+    scout: Scout,
+    client: MultiSocket,
+    server: MultiSocket,
+    _listener: Listener,
+}
+
+async fn pair(policy: Policy, callbacks: Callbacks) -> Pair {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let scout = Scout::manual(networks());
+    let connector = Connector::new(scout.clone(), Arc::new(policy.clone()), Duration::from_secs(2));
+    let server_side = Connector::new(Scout::manual(vec![]), Arc::new(policy), Duration::from_secs(2));
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), server_side).await.unwrap();
+    let addr = listener.local_addr();
+    let client = MultiSocket::connect(&connector, addr, Labels::NONE, callbacks).await.unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await.unwrap().unwrap();
+    // Both paths up on both sides.
+    wait_for(|| client.paths().iter().filter(|p| p.established).count() == 2).await;
+    wait_for(|| server.paths().len() == 2).await;
+    Pair { scout, client, server, _listener: listener }
+}
+
+#[track_caller]
+fn wait_for(mut cond: impl FnMut() -> bool) -> impl Future<Output = ()> {
+    let caller = std::panic::Location::caller();
+    async move {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition at {caller} not met within 10 s");
+    }
+}
+
+async fn read_exactly(s: &MultiSocket, n: usize) -> (Vec<u8>, Vec<(usize, Labels)>) {
+    let mut out = Vec::with_capacity(n);
+    let mut runs: Vec<(usize, Labels)> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while out.len() < n {
+        let (k, l) = tokio::time::timeout(Duration::from_secs(30), s.recv(&mut buf))
+            .await
+            .expect("recv timed out")
+            .unwrap();
+        assert!(k > 0, "end of stream after {} of {n} bytes", out.len());
+        out.extend_from_slice(&buf[..k]);
+        match runs.last_mut() {
+            Some((len, last)) if *last == l => *len += k,
+            _ => runs.push((k, l)),
+        }
+    }
+    (out, runs)
+}
+
+fn payload(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(131).wrapping_add(seed) ^ (i >> 10) as u8).collect()
+}
+
+fn sent_on(s: &MultiSocket, name: &str) -> u64 {
+    s.paths().iter().filter(|p| p.network.name == name).map(|p| p.bytes_sent).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_choose_networks_and_travel_with_the_bytes() {
+    let p = pair(Policy::default(), Callbacks::default()).await;
+    let bg = payload(2_000_000, 1);
+    let fg = payload(3_000, 2);
+    p.client.send(&bg, Labels::BACKGROUND).await.unwrap();
+    p.client.send(&fg, Labels::ONDEMAND).await.unwrap();
+    let (got, runs) = read_exactly(&p.server, bg.len() + fg.len()).await;
+    assert_eq!(&got[..bg.len()], &bg[..]);
+    assert_eq!(&got[bg.len()..], &fg[..]);
+    assert_eq!(runs, vec![(bg.len(), Labels::BACKGROUND), (fg.len(), Labels::ONDEMAND)]);
+    // BACKGROUND took the high-bandwidth network, ONDEMAND the low-RTT one.
+    assert_eq!(sent_on(&p.client, "wifi"), bg.len() as u64);
+    assert_eq!(sent_on(&p.client, "cell"), fg.len() as u64);
+
+    // And back: the server chooses by the client's descriptions of its networks.
+    p.server.send(b"reply", Labels::SMALL).await.unwrap();
+    let (got, runs) = read_exactly(&p.client, 5).await;
+    assert_eq!(got, b"reply");
+    assert_eq!(runs, vec![(5, Labels::SMALL)]);
+    assert_eq!(sent_on(&p.server, "cell"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_going_down_loses_nothing() {
+    let p = pair(Policy::default(), Callbacks::default()).await;
+    let data = payload(40_000_000, 3);
+    let sender = {
+        let c = p.client.clone();
+        let d = data.clone();
+        tokio::spawn(async move {
+            for chunk in d.chunks(100_000) {
+                c.send(chunk, Labels::BACKGROUND).await.unwrap();
+            }
+        })
+    };
+    let reader = {
+        let s = p.server.clone();
+        let n = data.len();
+        tokio::spawn(async move { read_exactly(&s, n).await.0 })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let still_sending = !sender.is_finished();
+    p.scout.set_override("wifi", Some(false));
+    sender.await.unwrap();
+    let got = reader.await.unwrap();
+    assert!(got == data, "the stream differs after failover");
+    if still_sending {
+        assert!(sent_on(&p.client, "cell") > 0, "nothing moved to cell");
+    }
+    assert_eq!(p.client.paths().len(), 1);
+    // Wi-Fi returns: a new path opens and background goes back to it.
+    p.scout.set_override("wifi", None);
+    wait_for(|| p.client.paths().iter().any(|x| x.network.name == "wifi" && x.established)).await;
+    let before = sent_on(&p.client, "wifi");
+    p.client.send(&payload(100_000, 4), Labels::BACKGROUND).await.unwrap();
+    read_exactly(&p.server, 100_000).await;
+    assert_eq!(sent_on(&p.client, "wifi") - before, 100_000);
+}
+
+static THUNK_RAN: AtomicUsize = AtomicUsize::new(0);
+
+fn on_network(arg: Box<dyn Any + Send>) {
+    let tx = arg.downcast::<mpsc::UnboundedSender<&'static str>>().expect("arg");
+    THUNK_RAN.fetch_add(1, Ordering::SeqCst);
+    let _ = tx.send("resumed");
+}
+
+fn never(_: Box<dyn Any + Send>) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thunks_run_when_a_matching_network_appears_and_can_be_cancelled() {
+    let p = pair(strict(), Callbacks::default()).await;
+    p.scout.set_override("wifi", Some(false));
+    wait_for(|| p.client.paths().len() == 1).await;
+
+    // Background may not use the metered cell: deferred, thunk stored.
+    let (tx, mut rx) = mpsc::unbounded_channel::<&'static str>();
+    assert!(matches!(
+        p.client.try_send(b"sync", Labels::BACKGROUND, Some(Thunk::new(on_network, tx))),
+        TrySend::Deferred
+    ));
+    assert_eq!(p.client.check_label(Labels::BACKGROUND, None), Check::Failed);
+    assert_eq!(p.client.check_label(Labels::ONDEMAND, None), Check::Ready);
+    // Without a thunk: WouldBlock.
+    assert!(
+        matches!(p.client.try_send(b"x", Labels::BACKGROUND, None), TrySend::Failed(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    );
+
+    // Two more, to cancel: the deleter gets each argument; the count comes back.
+    assert_eq!(p.client.check_label(Labels::BACKGROUND, Some(Thunk::new(never, 1u32))), Check::Deferred);
+    assert_eq!(p.client.check_label(Labels::BACKGROUND, Some(Thunk::new(never, 2u32))), Check::Deferred);
+    let mut deleted = Vec::new();
+    let n =
+        p.client.thunk_cancel(Labels::BACKGROUND, never, |arg| deleted.push(*arg.downcast::<u32>().unwrap()));
+    assert_eq!(n, 2);
+    deleted.sort();
+    assert_eq!(deleted, vec![1, 2]);
+
+    // Wi-Fi returns: the remaining thunk runs; the application resends from it.
+    p.scout.set_override("wifi", None);
+    let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("thunk ran").unwrap();
+    assert_eq!(msg, "resumed");
+    assert_eq!(THUNK_RAN.load(Ordering::SeqCst), 1);
+    assert!(matches!(p.client.try_send(b"sync", Labels::BACKGROUND, None), TrySend::Sent(4)));
+    let (got, _) = read_exactly(&p.server, 4).await;
+    assert_eq!(got, b"sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_run_for_each_connection_and_reset_runs_label_up_again() {
+    let ups = Arc::new(Mutex::new(Vec::new()));
+    let downs = Arc::new(AtomicUsize::new(0));
+    let callbacks = Callbacks {
+        label_up: Some({
+            let ups = ups.clone();
+            Arc::new(move |e: &cmm::PathEvent| ups.lock().unwrap().push((e.network.name.clone(), e.labels)))
+        }),
+        label_down: Some({
+            let downs = downs.clone();
+            Arc::new(move |_: &cmm::PathEvent| {
+                downs.fetch_add(1, Ordering::SeqCst);
+            })
+        }),
+    };
+    let p = pair(Policy::default(), callbacks).await;
+    wait_for(|| ups.lock().unwrap().len() == 2).await;
+    {
+        let ups = ups.lock().unwrap();
+        let wifi = ups.iter().find(|(n, _)| n == "wifi").unwrap().1;
+        assert!(wifi.contains(Labels::WIFI_ONLY), "{wifi}");
+    }
+    p.client.reset();
+    wait_for(|| downs.load(Ordering::SeqCst) == 2).await;
+    assert!(p.client.paths().is_empty());
+    // Nothing dials until the next send…
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(p.client.paths().is_empty());
+    // …which reconnects, runs label_up again, and the stream goes on unbroken.
+    p.client.send(b"after reset", Labels::ONDEMAND).await.unwrap();
+    let (got, _) = read_exactly(&p.server, 11).await;
+    assert_eq!(got, b"after reset");
+    wait_for(|| ups.lock().unwrap().len() == 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_and_close_deliver_everything_then_end_of_stream() {
+    let p = pair(Policy::default(), Callbacks::default()).await;
+    let data = payload(1_000_000, 9);
+    p.client.send(&data, Labels::NONE).await.unwrap();
+    let client = p.client.clone();
+    tokio::spawn(async move { client.close().await });
+    let (got, _) = read_exactly(&p.server, data.len()).await;
+    assert_eq!(got, data);
+    let mut buf = [0u8; 16];
+    let (n, _) =
+        tokio::time::timeout(Duration::from_secs(10), p.server.recv(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(n, 0, "end of stream after the data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_refuses_garbage_and_keeps_serving() {
+    let p = pair(Policy::default(), Callbacks::default()).await;
+    let addr = p._listener.local_addr();
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&[0xff, 0, 0, 0, 1, 0]).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "a connection that does not start with HELLO is closed");
+    p.client.send(b"still here", Labels::NONE).await.unwrap();
+    assert_eq!(read_exactly(&p.server, 10).await.0, b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_mode_talks_to_ordinary_servers_and_redials_after_reset() {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let scout = Scout::manual(networks());
+    let connector = Connector::new(scout.clone(), Arc::new(Policy::default()), Duration::from_secs(2));
+    let ups = Arc::new(AtomicUsize::new(0));
+    let downs = Arc::new(AtomicUsize::new(0));
+    let counter = |c: &Arc<AtomicUsize>| -> cmm::Callback {
+        let c = c.clone();
+        Arc::new(move |_: &cmm::PathEvent| {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let callbacks = Callbacks { label_up: Some(counter(&ups)), label_down: Some(counter(&downs)) };
+    let s =
+        MultiSocket::connect_plain(&connector, Target::ip(addr), Labels::ONDEMAND, callbacks).await.unwrap();
+    assert!(!s.is_cmm());
+    s.send(b"ping", Labels::ONDEMAND).await.unwrap();
+    let mut buf = [0u8; 4];
+    let (n, labels) = s.recv(&mut buf).await.unwrap();
+    assert_eq!((&buf[..n], labels), (&b"ping"[..], Labels::NONE), "a plain server sends no labels");
+    // A loopback destination is this machine: direct, whatever the labels.
+    assert_eq!(s.paths()[0].network.name, "direct");
+    assert_eq!(s.paths()[0].bytes_sent, 4);
+    // Reset drops the connection; the next send dials again and runs label_up.
+    s.reset();
+    wait_for(|| s.paths().is_empty()).await;
+    assert_eq!(s.recv(&mut buf).await.unwrap_err().kind(), std::io::ErrorKind::NotConnected);
+    s.send(b"pong", Labels::BACKGROUND).await.unwrap();
+    let (n, _) = s.recv(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"pong");
+    wait_for(|| ups.load(Ordering::SeqCst) == 2 && downs.load(Ordering::SeqCst) == 1).await;
+    // A refused server is reported as refused.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let err = MultiSocket::connect_plain(&connector, Target::ip(closed), Labels::NONE, Callbacks::default())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
