@@ -25,10 +25,10 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::connector::Connector;
-use crate::frame::{PathId, SessionId};
+use crate::frame::{FrameDecoder, PathId, SessionId};
 use crate::multisocket::{Callbacks, PathEvent};
 use crate::net;
-use crate::session::{Event, Role, Session, SessionConfig};
+use crate::session::{Event, Role, Session, SessionConfig, Transmit};
 use crate::thunk::{Thunk, Thunks};
 
 /// Longest a path may take from connect to WELCOME.
@@ -38,9 +38,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long an accepting session lives without any path before it is closed.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(300);
-/// Unsent bytes a path socket may hold: the kernel's queue stays short, so acknowledgement
-/// times reflect the link, not our own backlog.
-const NOTSENT_LOWAT: u32 = 128 * 1024;
+/// Unsent bytes a path socket may hold, at most and at least: the kernel's queue stays short,
+/// so acknowledgement times reflect the link, not our own backlog.
+const NOTSENT_LOWAT: u32 = 256 * 1024;
+const MIN_LOWAT: usize = 16 * 1024;
 
 struct PathIo {
     writer: Arc<Notify>,
@@ -65,6 +66,10 @@ pub(crate) struct State {
     pub(crate) last_error: Option<String>,
     orphan_since: Option<Instant>,
     background: Vec<AbortHandle>,
+    /// Bytes sent and received by paths that have ended, per network name.
+    pub(crate) ended: HashMap<String, (u64, u64)>,
+    /// Networks that were up at the last look at the scout.
+    seen_up: HashSet<String>,
 }
 
 /// A cmm-mode multi-socket's shared core.
@@ -169,6 +174,8 @@ impl CmmSocket {
                 last_error: None,
                 orphan_since: None,
                 background: Vec::new(),
+                ended: HashMap::new(),
+                seen_up: HashSet::new(),
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -247,8 +254,18 @@ impl CmmSocket {
                     tracing::debug!(path, network = %network.name, %labels, "path up");
                     after.up.push(PathEvent { path, network, labels });
                 }
-                Event::PathDown { path, network, reason } => {
+                Event::PathDown { path, network, reason, sent, received } => {
                     tracing::debug!(path, network = %network.name, "path down: {reason}");
+                    let e = st.ended.entry(network.name.clone()).or_default();
+                    e.0 += sent;
+                    e.1 += received;
+                    // However the session dropped it (here, or the peer's PATH_DOWN), its
+                    // socket goes too.
+                    if let Some(io) = st.paths.remove(&path) {
+                        for t in io.tasks {
+                            t.abort();
+                        }
+                    }
                     let labels = kind_labels(&network);
                     after.down.push(PathEvent { path, network, labels });
                 }
@@ -257,8 +274,10 @@ impl CmmSocket {
                 Event::Closed { reason } => tracing::debug!("session closed by the peer: {reason}"),
             }
         }
-        for p in st.paths.values() {
-            p.writer.notify_one();
+        for (&id, p) in &st.paths {
+            if st.session.wants_transmit(id) {
+                p.writer.notify_one();
+            }
         }
         // Wake application waiters only on progress: a waiter that wakes itself would spin.
         if now.received != before.received {
@@ -304,31 +323,33 @@ impl CmmSocket {
         }
     }
 
-    /// Attaches a connected socket as path `id` and starts its reader and writer.
+    /// Attaches a connected socket as path `id`: `register` adds the path to the session, in
+    /// the same critical section that records its socket tasks, so no other task ever sees one
+    /// without the other. Returns false (and drops the socket) when the socket is closing.
     fn start_path(
         self: &Arc<Self>,
         id: PathId,
         stream: TcpStream,
         initial: BytesMut,
         key: Option<(String, SocketAddr)>,
-    ) {
+        register: impl FnOnce(&mut State) -> bool,
+    ) -> bool {
         let _ = stream.set_nodelay(true);
-        let _ = SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
         let _ = net::keepalive(&stream);
         let (rd, wr) = stream.into_split();
         let writer = Arc::new(Notify::new());
-        let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
-        let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial));
-        let tasks = vec![w.abort_handle(), r.abort_handle()];
-        let mut st = self.lock();
-        if st.closing || !st.session.path_ids().contains(&id) {
-            // Closed meanwhile: do not leave tasks behind.
-            for t in tasks {
-                t.abort();
+        self.mutate(|st| {
+            if let Some(k) = &key {
+                st.connecting.remove(k);
             }
-            return;
-        }
-        st.paths.insert(id, PathIo { writer, tasks, key });
+            if st.closing || !register(st) {
+                return false;
+            }
+            let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
+            let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial));
+            st.paths.insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], key });
+            true
+        })
     }
 
     /// Ends path `id` (its socket failed, its network went down, or it broke the protocol).
@@ -357,17 +378,13 @@ impl CmmSocket {
         stream: TcpStream,
         rest: BytesMut,
     ) -> bool {
-        let added = self.mutate(|st| {
-            if st.closing || st.session.path_ids().contains(&id) {
+        self.start_path(id, stream, rest, None, |st| {
+            if st.session.path_ids().contains(&id) {
                 return false;
             }
             st.session.add_path(id, network, Instant::now());
             true
-        });
-        if added {
-            self.start_path(id, stream, rest, None);
-        }
-        added
+        })
     }
 
     /// Opens the paths the scout says should exist, and ends those whose network is down.
@@ -388,6 +405,13 @@ impl CmmSocket {
                     }
                 }
             }
+            // A network that has just come (back) up is dialled at once, whatever the backoff
+            // its failures while it was down built up.
+            let up_now: HashSet<String> = snap.up().map(net_key).collect();
+            for key in up_now.difference(&st.seen_up).cloned().collect::<Vec<_>>() {
+                st.backoff.retain(|(k, _), _| *k != key);
+            }
+            st.seen_up = up_now;
             if !st.reset_pending {
                 let now = Instant::now();
                 let open: HashSet<(String, SocketAddr)> =
@@ -461,6 +485,15 @@ impl CmmSocket {
     pub(crate) fn abort_all(&self) {
         let mut st = self.lock();
         st.closing = true;
+        for p in st.session.path_stats() {
+            let e = st.ended.entry(p.network.name.clone()).or_default();
+            e.0 += p.bytes_sent;
+            e.1 += p.bytes_received;
+        }
+        for id in st.session.path_ids() {
+            st.session.remove_path(id, "closed", Instant::now());
+        }
+        while st.session.poll_event().is_some() {}
         for (_, io) in st.paths.drain() {
             for t in io.tasks {
                 t.abort();
@@ -503,19 +536,21 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
     let timeout = sock.connector.connect_timeout();
     match net::connect(remote, Some(&network), timeout).await {
         Ok(stream) => {
-            let id = sock.mutate(|st| {
-                st.connecting.remove(&key);
-                if st.closing {
-                    return None;
-                }
+            let id = {
+                let mut st = sock.lock();
                 let id = st.next_path;
                 st.next_path += 1;
-                st.session.add_path(id, network.clone(), Instant::now());
-                Some(id)
+                id
+            };
+            let n = network.clone();
+            let started = sock.start_path(id, stream, BytesMut::new(), Some(key), move |st| {
+                st.session.add_path(id, n, Instant::now());
+                true
             });
-            let Some(id) = id else { return };
+            if !started {
+                return;
+            }
             tracing::debug!(path = id, network = %network.name, %remote, "path connected, saying HELLO");
-            sock.start_path(id, stream, BytesMut::new(), Some(key));
             tokio::time::sleep(HANDSHAKE_TIMEOUT).await;
             let pending = sock.lock().session.path_stats().iter().any(|p| p.path == id && !p.established);
             if pending {
@@ -580,27 +615,41 @@ async fn timer_loop(sock: Arc<CmmSocket>) {
 }
 
 async fn read_loop(sock: Arc<CmmSocket>, id: PathId, mut rd: OwnedReadHalf, initial: BytesMut) {
-    if !initial.is_empty()
-        && let Err(e) = sock.mutate(|st| st.session.handle_input(id, &initial, Instant::now()))
-    {
-        sock.end_path(id, &format!("protocol error: {e}"));
-        return;
-    }
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    const READ: usize = 256 * 1024;
+    // Frames are decoded here, outside the lock, straight from the read buffer: data chunks
+    // borrow from it and reach the application without another copy.
+    let mut decoder = FrameDecoder::new();
+    decoder.push_owned(initial);
+    let mut frames = Vec::new();
     loop {
-        buf.clear();
-        match rd.read_buf(&mut buf).await {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(path = id, "closing a path: malformed frame: {e}");
+                    sock.end_path(id, &format!("malformed frame: {e}"));
+                    return;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            let result = sock.mutate(|st| {
+                let now = Instant::now();
+                frames.drain(..).try_for_each(|f| st.session.handle_frame(id, f, now))
+            });
+            if let Err(e) = result {
+                tracing::info!(path = id, "closing a path: {e}");
+                sock.end_path(id, &e.to_string());
+                return;
+            }
+        }
+        match rd.read_buf(decoder.read_buffer(READ)).await {
             Ok(0) => {
                 sock.end_path(id, "closed by the peer");
                 return;
             }
-            Ok(_) => {
-                if let Err(e) = sock.mutate(|st| st.session.handle_input(id, &buf, Instant::now())) {
-                    tracing::info!(path = id, "closing a path: {e}");
-                    sock.end_path(id, &format!("protocol error: {e}"));
-                    return;
-                }
-            }
+            Ok(_) => {}
             Err(e) => {
                 sock.end_path(id, &e.to_string());
                 return;
@@ -610,53 +659,82 @@ async fn read_loop(sock: Arc<CmmSocket>, id: PathId, mut rd: OwnedReadHalf, init
 }
 
 async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, notify: Arc<Notify>) {
+    // How much to hand the kernel at a time: about 50 ms of the link, so that what is written
+    // is on its way soon. Anything not written yet stays in the session, where it can still be
+    // moved to another path (a resend never queues behind seconds of backlog).
+    let lowat = {
+        let st = sock.lock();
+        let rate = st.session.path_network(id).map_or(0, |n| n.bandwidth_up());
+        ((rate / 8 / 20) as usize).clamp(MIN_LOWAT, NOTSENT_LOWAT as usize)
+    };
+    let _ = SockRef::from(wr.as_ref()).set_tcp_notsent_lowat(lowat as u32);
+    let mut batch: Vec<Transmit> = Vec::with_capacity(16);
     loop {
-        let next = {
+        {
             let mut st = sock.lock();
-            let t = st.session.poll_transmit(id, Instant::now());
-            if t.is_some()
+            let now = Instant::now();
+            let mut bytes = 0;
+            while bytes < lowat {
+                match st.session.poll_transmit(id, now) {
+                    Some(t) => {
+                        bytes += t.len();
+                        batch.push(t);
+                    }
+                    None => break,
+                }
+            }
+            if !batch.is_empty()
                 && let Some(d) = st.session.poll_timeout()
                 && st.armed.is_none_or(|a| d < a)
             {
                 sock.timer.notify_one();
             }
-            t
-        };
-        let Some(t) = next else {
+        }
+        if batch.is_empty() {
             notify.notified().await;
             continue;
-        };
-        let result = async {
-            if t.payload.is_empty() {
-                wr.write_all(&t.header).await
-            } else {
-                write_two(&mut wr, &t.header, &t.payload).await
-            }
         }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = write_all_vectored(&mut wr, &batch).await {
+            sock.end_path(id, &format!("write failed: {e}"));
+            return;
+        }
+        batch.clear();
+        // Writable again only once the kernel's unsent bytes are below the low-water mark.
+        if let Err(e) = wr.as_ref().writable().await {
             sock.end_path(id, &format!("write failed: {e}"));
             return;
         }
     }
 }
 
-/// Writes two buffers with as few system calls as the kernel allows.
-async fn write_two(wr: &mut OwnedWriteHalf, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let mut a = a;
-    let mut b = b;
-    while !a.is_empty() {
-        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
-        let n = wr.write_vectored(&bufs).await?;
+/// Writes every transmit (header then payload each) with as few system calls as the kernel
+/// allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, batch: &[Transmit]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    for t in batch {
+        if !t.header.is_empty() {
+            parts.push(&t.header);
+        }
+        if !t.payload.is_empty() {
+            parts.push(&t.payload);
+        }
+    }
+    let mut first = 0;
+    let mut offset = 0;
+    while first < parts.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&parts[first][offset..]))
+            .chain(parts[first + 1..].iter().map(|p| io::IoSlice::new(p)))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
+        while first < parts.len() && n >= parts[first].len() - offset {
+            n -= parts[first].len() - offset;
+            first += 1;
+            offset = 0;
         }
+        offset += n;
     }
-    wr.write_all(b).await
+    Ok(())
 }

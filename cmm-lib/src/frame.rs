@@ -377,9 +377,28 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
+    /// Adds a buffer read from the connection, adopting it without a copy when nothing else
+    /// is buffered (the usual case: reads end on frame boundaries more often than not, and
+    /// frames then borrow from the read buffer directly).
+    pub fn push_owned(&mut self, data: BytesMut) {
+        if self.buf.is_empty() {
+            self.buf = data;
+        } else {
+            self.buf.extend_from_slice(&data);
+        }
+    }
+
     /// Bytes buffered, not yet a whole frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// The buffer to read into (its spare capacity), for drivers that read straight into the
+    /// decoder: frames then borrow from what was read, and only a partial frame left at the end
+    /// is ever moved. Reserves room for at least `room` more bytes first.
+    pub fn read_buffer(&mut self, room: usize) -> &mut BytesMut {
+        self.buf.reserve(room);
+        &mut self.buf
     }
 
     /// Takes whatever is buffered (to hand a path from a listener over to its session).

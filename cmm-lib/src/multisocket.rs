@@ -220,6 +220,69 @@ impl MultiSocket {
         Ok(off)
     }
 
+    /// Like [`MultiSocket::send`], without copying `data`: the buffer is kept, shared, until
+    /// the peer acknowledges it.
+    pub async fn send_bytes(&self, mut data: bytes::Bytes, labels: Labels) -> io::Result<usize> {
+        let s = match self.mode() {
+            Mode::Plain(p) => return p.send(&data, labels).await,
+            Mode::Cmm(s) => s,
+        };
+        let total = data.len();
+        let max_wait = s.connector.policy().max_wait(labels);
+        let mut no_network_since: Option<tokio::time::Instant> = None;
+        while !data.is_empty() {
+            let notified = s.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let r = s.mutate(|st| {
+                s.resume_after_reset(st);
+                st.session.send_bytes(data.clone(), labels)
+            });
+            match r {
+                Ok(n) => {
+                    let _ = data.split_to(n);
+                    no_network_since = None;
+                }
+                Err(SendError::Full) => notified.await,
+                Err(SendError::NoNetwork) => {
+                    let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
+                    if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no network for {labels} within {max_wait:?}"),
+                        ));
+                    }
+                }
+                Err(e) => return Err(send_error(e)),
+            }
+        }
+        Ok(total)
+    }
+
+    /// Like [`MultiSocket::recv`], without copying: up to `max` bytes, shared with the receive
+    /// buffer. Empty is the end of the stream.
+    pub async fn recv_bytes(&self, max: usize) -> io::Result<(bytes::Bytes, Labels)> {
+        let s = match self.mode() {
+            Mode::Plain(p) => {
+                let mut buf = vec![0u8; max];
+                let (n, l) = p.recv(&mut buf).await?;
+                buf.truncate(n);
+                return Ok((buf.into(), l));
+            }
+            Mode::Cmm(s) => s,
+        };
+        loop {
+            let notified = s.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match s.mutate(|st| st.session.recv_bytes(max)) {
+                Ok(r) => return Ok(r),
+                Err(RecvError::Closed(r)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
+                Err(RecvError::WouldBlock) => notified.await,
+            }
+        }
+    }
+
     /// Sends what fits now. If no network fits `labels`, stores `thunk` (when given) to run
     /// once one does, and returns `Deferred`.
     pub fn try_send(&self, buf: &[u8], labels: Labels, thunk: Option<Thunk>) -> TrySend {
@@ -357,6 +420,35 @@ impl MultiSocket {
         }
     }
 
+    /// Bytes sent and received per network name over this socket's whole life (paths that
+    /// ended included), sorted by name.
+    pub fn traffic(&self) -> Vec<(String, u64, u64)> {
+        let mut totals: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        match self.mode() {
+            Mode::Plain(p) => {
+                for x in p.paths() {
+                    let e = totals.entry(x.network.name).or_default();
+                    e.0 += x.bytes_sent;
+                    e.1 += x.bytes_received;
+                }
+            }
+            Mode::Cmm(s) => {
+                let st = s.lock();
+                for (name, (sent, rcvd)) in &st.ended {
+                    let e = totals.entry(name.clone()).or_default();
+                    e.0 += sent;
+                    e.1 += rcvd;
+                }
+                for x in st.session.path_stats() {
+                    let e = totals.entry(x.network.name).or_default();
+                    e.0 += x.bytes_sent;
+                    e.1 += x.bytes_received;
+                }
+            }
+        }
+        totals.into_iter().map(|(n, (s, r))| (n, s, r)).collect()
+    }
+
     /// The peer's address: the first remote address (cmm), or the connected server (plain).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         match self.mode() {
@@ -365,6 +457,14 @@ impl MultiSocket {
                 Role::Connecting => s.remotes().first().copied(),
                 Role::Accepting => None,
             },
+        }
+    }
+
+    /// A one-line summary of the protocol state, for debugging.
+    pub fn debug_summary(&self) -> String {
+        match self.mode() {
+            Mode::Plain(_) => "plain".into(),
+            Mode::Cmm(s) => s.lock().session.debug_summary(),
         }
     }
 

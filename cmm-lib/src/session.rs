@@ -27,6 +27,9 @@ use cmm_policy::{Decision, Figures, Labels, Network, Policy};
 
 use crate::frame::{self, Frame, FrameDecoder, FrameError, NetworkInfo, PathId, SessionId};
 
+/// DATA frames received on a path before an acknowledgement goes out at once.
+const ACK_EVERY: u32 = 8;
+
 /// The receive window every session starts with, before the peer's first ACK widens it.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
 
@@ -87,6 +90,10 @@ pub enum Event {
         network: Network,
         /// Why.
         reason: String,
+        /// DATA payload bytes it carried out and in, over its life.
+        sent: u64,
+        /// See `sent`.
+        received: u64,
     },
     /// A path stopped acknowledging; its data was moved to others.
     PathTroubled {
@@ -298,6 +305,7 @@ pub struct Session {
     next_offset: u64,
     /// Every chunk not yet acknowledged: offset → length. The authority on what is still owed.
     unacked: BTreeMap<u64, usize>,
+    send_region: BytesMut,
     acked_chunks: usize,
     buffered: usize,
     /// Chunks that no usable path may carry now, by offset.
@@ -331,6 +339,7 @@ impl Session {
             events: VecDeque::new(),
             next_offset: 0,
             unacked: BTreeMap::new(),
+            send_region: BytesMut::new(),
             acked_chunks: 0,
             buffered: 0,
             waiting: BTreeMap::new(),
@@ -394,8 +403,28 @@ impl Session {
         if let Some(p) = self.paths.get_mut(&id) {
             p.fin_sent = false;
         }
-        let waiting = std::mem::take(&mut self.waiting);
-        self.reassign(waiting.into_values().collect());
+        self.rechoose_queued();
+    }
+
+    /// Chooses again for every chunk not yet written anywhere: the waiting ones, and those
+    /// queued on a path that may no longer be the best for their labels (a faster network came
+    /// back while a slow one held a backlog). Written chunks stay where they are.
+    fn rechoose_queued(&mut self) {
+        let mut chunks: Vec<Chunk> = std::mem::take(&mut self.waiting).into_values().collect();
+        for p in self.paths.values_mut() {
+            chunks.extend(p.queue.drain(..));
+        }
+        // Keep a chunk's first transmission marked as such (its RTT sample is valid).
+        let fresh: std::collections::HashSet<u64> =
+            chunks.iter().filter(|c| !c.retransmit).map(|c| c.offset).collect();
+        self.reassign(chunks);
+        for p in self.paths.values_mut() {
+            for c in p.queue.iter_mut() {
+                if fresh.contains(&c.offset) {
+                    c.retransmit = false;
+                }
+            }
+        }
     }
 
     /// Removes a path whose connection closed or failed (or whose network went down): its data
@@ -412,7 +441,13 @@ impl Session {
         if had_ack && let Some((_, other)) = self.paths.iter_mut().find(|(_, o)| o.established) {
             other.ack_now = true;
         }
-        self.events.push_back(Event::PathDown { path: id, network: p.network, reason: reason.to_string() });
+        self.events.push_back(Event::PathDown {
+            path: id,
+            network: p.network,
+            reason: reason.to_string(),
+            sent: p.bytes_sent,
+            received: p.bytes_received,
+        });
         self.reassign(chunks);
     }
 
@@ -480,11 +515,18 @@ impl Session {
     /// Accepts up to the free send buffer from `data` for a path the labels choose. Returns
     /// how many bytes were taken.
     pub fn send(&mut self, data: &[u8], labels: Labels) -> Result<usize, SendError> {
-        self.send_bytes(Bytes::copy_from_slice(data), labels)
+        // Check first, so nothing is copied for a call that takes nothing.
+        self.check_send(labels)?;
+        let n = data.len().min(self.send_room());
+        // Copied into one region that is reused once its chunks are acknowledged: no
+        // allocation per chunk on the hot path.
+        self.send_region.reserve(n.max(1 << 20));
+        self.send_region.extend_from_slice(&data[..n]);
+        let bytes = self.send_region.split().freeze();
+        self.send_bytes(bytes, labels)
     }
 
-    /// Like [`Session::send`], without copying `data`.
-    pub fn send_bytes(&mut self, mut data: Bytes, labels: Labels) -> Result<usize, SendError> {
+    fn check_send(&self, labels: Labels) -> Result<PathId, SendError> {
         if let Some(r) = &self.closed {
             return Err(SendError::Closed(r.clone()));
         }
@@ -492,10 +534,16 @@ impl Session {
             return Err(SendError::Shutdown);
         }
         let path = self.path_for(labels).ok_or(SendError::NoNetwork)?;
-        let room = self.send_room();
-        if room == 0 {
+        if self.send_room() == 0 {
             return Err(SendError::Full);
         }
+        Ok(path)
+    }
+
+    /// Like [`Session::send`], without copying `data`.
+    pub fn send_bytes(&mut self, mut data: Bytes, labels: Labels) -> Result<usize, SendError> {
+        let path = self.check_send(labels)?;
+        let room = self.send_room();
         if data.len() > room {
             data.truncate(room);
         }
@@ -571,6 +619,30 @@ impl Session {
         Ok((n, labels))
     }
 
+    /// Like [`Session::recv`] without copying: the next received bytes (at most `max`), all
+    /// with the same labels, shared with the receive buffer. An empty result is the end of the
+    /// stream.
+    pub fn recv_bytes(&mut self, max: usize) -> Result<(Bytes, Labels), RecvError> {
+        let Some((data, labels)) = self.ready.front_mut() else {
+            if self.peer_fin == Some(self.rx_cumulative) {
+                return Ok((Bytes::new(), Labels::NONE));
+            }
+            if let Some(reason) = &self.closed {
+                return Err(RecvError::Closed(reason.clone()));
+            }
+            return Err(RecvError::WouldBlock);
+        };
+        let labels = *labels;
+        let out = if data.len() <= max {
+            self.ready.pop_front().map(|(d, _)| d).unwrap_or_default()
+        } else {
+            data.split_to(max)
+        };
+        self.consumed += out.len() as u64;
+        self.maybe_window_update();
+        Ok((out, labels))
+    }
+
     /// Whether `recv` would give something (data, or the end of the stream).
     pub fn readable(&self) -> bool {
         !self.ready.is_empty() || self.peer_fin == Some(self.rx_cumulative) || self.closed.is_some()
@@ -622,9 +694,20 @@ impl Session {
 
     /// Handles bytes read from path `id`. On error the path must be closed (and removed).
     pub fn handle_input(&mut self, id: PathId, data: &[u8], now: Instant) -> Result<(), SessionError> {
+        self.handle_input_owned(id, BytesMut::from(data), now)
+    }
+
+    /// Like [`Session::handle_input`], taking the read buffer itself: received data is then
+    /// kept without copying it.
+    pub fn handle_input_owned(
+        &mut self,
+        id: PathId,
+        data: BytesMut,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         let Some(p) = self.paths.get_mut(&id) else { return Ok(()) };
         p.last_rx = now;
-        p.decoder.push(data);
+        p.decoder.push_owned(data);
         let mut decoder = std::mem::take(&mut p.decoder);
         let result = loop {
             match decoder.next_frame() {
@@ -641,6 +724,16 @@ impl Session {
             p.decoder = decoder;
         }
         result
+    }
+
+    /// Handles one frame already decoded from path `id` (drivers that decode in their reader
+    /// use this; [`Session::handle_input`] decodes itself). On error the path must be closed.
+    pub fn handle_frame(&mut self, id: PathId, f: Frame, now: Instant) -> Result<(), SessionError> {
+        match self.paths.get_mut(&id) {
+            Some(p) => p.last_rx = now,
+            None => return Ok(()),
+        }
+        self.on_frame(id, f, now)
     }
 
     fn on_frame(&mut self, id: PathId, f: Frame, now: Instant) -> Result<(), SessionError> {
@@ -731,7 +824,9 @@ impl Session {
         if let Some(p) = self.paths.get_mut(&id) {
             p.bytes_received += data.len() as u64;
             p.data_since_ack += 1;
-            if p.data_since_ack >= 2 {
+            // Every few chunks at once; otherwise within `ack_delay`: enough acknowledgements
+            // to keep the sender's window open without a wakeup per chunk.
+            if p.data_since_ack >= ACK_EVERY {
                 p.ack_now = true;
             } else if p.ack_due.is_none() {
                 p.ack_due = Some(now + self.cfg.ack_delay);
@@ -843,10 +938,12 @@ impl Session {
                 }
             }
         }
+        let any_recovered = !recovered.is_empty();
         for id in recovered {
             self.events.push_back(Event::PathRecovered { path: id });
-            let waiting = std::mem::take(&mut self.waiting);
-            self.reassign(waiting.into_values().collect());
+        }
+        if any_recovered {
+            self.rechoose_queued();
         }
     }
 
@@ -867,6 +964,54 @@ impl Session {
         let fin_extra = u64::from(self.peer_fin == Some(self.rx_cumulative));
         self.advertised = self.advertised.max(self.consumed + self.cfg.recv_window);
         Frame::Ack { cumulative: self.rx_cumulative + fin_extra, window: self.advertised, ranges }
+    }
+
+    /// A one-line summary of the sending state, for debugging.
+    pub fn debug_summary(&self) -> String {
+        let paths: Vec<String> = self
+            .paths
+            .iter()
+            .map(|(id, p)| {
+                format!(
+                    "{id}:{} est={} trb={} q={} qfront={:?} infl={} ctl={}",
+                    p.network.name,
+                    p.established,
+                    p.troubled,
+                    p.queue.len(),
+                    p.queue.front().map(|c| (c.offset, c.end())),
+                    p.inflight.len(),
+                    p.control.len()
+                )
+            })
+            .collect();
+        format!(
+            "next={} unacked={} buffered={} waiting={} peer_window={} paths=[{}]",
+            self.next_offset,
+            self.unacked.len(),
+            self.buffered,
+            self.waiting.len(),
+            self.peer_window,
+            paths.join("; ")
+        )
+    }
+
+    /// The network of path `id`, if it exists.
+    pub fn path_network(&self, id: PathId) -> Option<&Network> {
+        self.paths.get(&id).map(|p| &p.network)
+    }
+
+    /// Whether [`Session::poll_transmit`] would give something for path `id` now (so a driver
+    /// wakes a path's writer only when there is work).
+    pub fn wants_transmit(&self, id: PathId) -> bool {
+        let Some(p) = self.paths.get(&id) else { return false };
+        if p.ack_now || !p.control.is_empty() {
+            return true;
+        }
+        if !p.usable() || self.closed.is_some() {
+            return false;
+        }
+        p.queue.front().is_some_and(|c| c.end() <= self.peer_window || !self.unacked.contains_key(&c.offset))
+            || (self.fin.is_some() && !self.fin_acked && !p.fin_sent)
     }
 
     /// The next bytes to write on path `id`, or `None` when it has nothing to send now.

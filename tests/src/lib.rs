@@ -452,11 +452,21 @@ pub fn lab_server_bin() -> PathBuf {
 /// A binary of the workspace (`cmm-proxy`, `cmm-scout`, `lab-server`), built on first use with
 /// the same cargo and profile as the running test, so tests always run the current code.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let dir = BUILT.get_or_init(build_workspace_bins).as_ref().unwrap_or_else(|e| panic!("{e}"));
-    let path = dir.join(name);
+    let path = built_dir().join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+/// An example program of the workspace (`label_client`), built like [`workspace_bin`].
+pub fn workspace_example(name: &str) -> PathBuf {
+    let path = built_dir().join("examples").join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+fn built_dir() -> &'static Path {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT.get_or_init(build_workspace_bins).as_ref().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn build_workspace_bins() -> Result<PathBuf, String> {
@@ -469,7 +479,7 @@ fn build_workspace_bins() -> Result<PathBuf, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
+    cmd.args(["build", "--quiet", "--bins", "--examples", "--manifest-path"])
         .arg(&manifest)
         .arg("--target-dir")
         .arg(target_dir)

@@ -178,3 +178,35 @@ fn readme_examples_run_as_written() {
     let line = proxy.wait_for_line("dest=server4.lab:22", Duration::from_secs(5));
     assert!(line.contains("labels=ondemand+small") && line.contains("labels_from=rule@"), "{line}");
 }
+
+#[test]
+fn readme_library_examples_run_as_written() {
+    let Some(lab) = Lab::new("readme_library_examples_run_as_written") else { return };
+    let server_cmd = readme("cargo run -p cmm --example label_server -- 127.0.0.1:7000");
+    let client_cmd =
+        readme("cargo run -p cmm --example label_client -- 127.0.0.1:7000 background hello world");
+    // As written, but the built examples run directly, the server in the server namespace.
+    let args = |cmd: &str| -> Vec<String> {
+        cmd.split(" -- ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .map(|a| a.replace("127.0.0.1:7000", "10.3.0.2:7000"))
+            .collect()
+    };
+    let server_args = args(server_cmd);
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let server = lab.spawn(&lab.server(), cmm_lab::workspace_example("label_server"), &server_args);
+    server.wait_for_line("listening on 10.3.0.2:7000", Duration::from_secs(20));
+    let out = lab
+        .command(&lab.client(), cmm_lab::workspace_example("label_client"))
+        .args(args(client_cmd))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["[background] got 6 bytes labelled background", "[background] got 6 bytes labelled background"]
+    );
+}
