@@ -46,6 +46,7 @@ const MIN_LOWAT: usize = 16 * 1024;
 struct PathIo {
     writer: Arc<Notify>,
     tasks: Vec<AbortHandle>,
+    local: Option<SocketAddr>,
     /// Connecting side: the local network (`name/interface`) and remote address it was
     /// dialled for.
     key: Option<(String, SocketAddr)>,
@@ -70,7 +71,13 @@ pub(crate) struct State {
     pub(crate) ended: HashMap<String, (u64, u64)>,
     /// Networks that were up at the last look at the scout.
     seen_up: HashSet<String>,
+    /// Told, under this lock, whenever `session.readable()` changes (the C API's eventfd).
+    readable_hook: Option<ReadableHook>,
+    last_readable: bool,
 }
+
+/// Called with the new readability whenever it changes.
+pub(crate) type ReadableHook = Arc<dyn Fn(bool) + Send + Sync>;
 
 /// A cmm-mode multi-socket's shared core.
 pub(crate) struct CmmSocket {
@@ -176,6 +183,8 @@ impl CmmSocket {
                 background: Vec::new(),
                 ended: HashMap::new(),
                 seen_up: HashSet::new(),
+                readable_hook: None,
+                last_readable: false,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -209,14 +218,15 @@ impl CmmSocket {
         Ok(sock)
     }
 
-    /// An accepting multi-socket for a session the peer named.
-    pub(crate) fn accepting(connector: Connector, id: SessionId) -> Arc<CmmSocket> {
+    /// An accepting multi-socket for a session the peer named; `peer` is where its first path
+    /// came from.
+    pub(crate) fn accepting(connector: Connector, id: SessionId, peer: SocketAddr) -> Arc<CmmSocket> {
         let sock = CmmSocket::new(
             Role::Accepting,
             id,
             connector,
             Callbacks::default(),
-            Vec::new(),
+            vec![peer],
             SessionConfig::default(),
         );
         let timer = sock.runtime.spawn(timer_loop(sock.clone()));
@@ -295,6 +305,13 @@ impl CmmSocket {
         {
             self.timer.notify_one();
         }
+        let readable = st.session.readable();
+        if readable != st.last_readable {
+            st.last_readable = readable;
+            if let Some(h) = &st.readable_hook {
+                h(readable);
+            }
+        }
         if st.paths.is_empty() {
             st.orphan_since.get_or_insert_with(Instant::now);
         } else {
@@ -336,6 +353,7 @@ impl CmmSocket {
     ) -> bool {
         let _ = stream.set_nodelay(true);
         let _ = net::keepalive(&stream);
+        let local = stream.local_addr().ok();
         let (rd, wr) = stream.into_split();
         let writer = Arc::new(Notify::new());
         self.mutate(|st| {
@@ -347,7 +365,8 @@ impl CmmSocket {
             }
             let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
             let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial));
-            st.paths.insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], key });
+            st.paths
+                .insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local, key });
             true
         })
     }
@@ -507,8 +526,18 @@ impl CmmSocket {
         self.writable.notify_waiters();
     }
 
-    pub(crate) fn role(&self) -> Role {
-        self.role
+    /// Sets the function told (under the lock) whenever readability changes; it is told the
+    /// current state at once.
+    pub(crate) fn set_readable_hook(&self, hook: ReadableHook) {
+        let mut st = self.lock();
+        st.last_readable = st.session.readable();
+        hook(st.last_readable);
+        st.readable_hook = Some(hook);
+    }
+
+    /// The local address of the first path, if any.
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.lock().paths.values().filter_map(|p| p.local).min()
     }
 
     pub(crate) fn remotes(&self) -> &[SocketAddr] {

@@ -15,11 +15,14 @@
 //! - [`connector`]: [`Connector`], the network choice and interface-bound connects under all of
 //!   the above; [`net`]: the socket calls; [`thunk`]: deferred operations; [`target`]: names.
 //!
+//! - [`ffi`]: the C ABI of `include/libcmm.h` (`libcmm.so`, `libcmm.a`).
+//!
 //! The vocabulary comes from `cmm-policy` and the network view from `cmm-scout`; both are
 //! re-exported here so an application needs only this crate.
 
 pub mod connector;
 mod driver;
+pub mod ffi;
 pub mod frame;
 pub mod listener;
 pub mod multisocket;

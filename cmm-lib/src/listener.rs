@@ -138,7 +138,7 @@ async fn attach(
             Some(s) => (s, false),
             None => {
                 map.retain(|_, w| w.strong_count() > 0);
-                let s = CmmSocket::accepting(connector, id);
+                let s = CmmSocket::accepting(connector, id, peer);
                 map.insert(id, Arc::downgrade(&s));
                 (s, true)
             }

@@ -23,7 +23,7 @@ use cmm_policy::{Labels, Network};
 use crate::connector::Connector;
 use crate::driver::CmmSocket;
 use crate::plain::PlainSocket;
-use crate::session::{PathStats, RecvError, Role, SendError};
+use crate::session::{PathStats, RecvError, SendError};
 use crate::target::Target;
 use crate::thunk::{Handler, Thunk};
 
@@ -449,14 +449,37 @@ impl MultiSocket {
         totals.into_iter().map(|(n, (s, r))| (n, s, r)).collect()
     }
 
-    /// The peer's address: the first remote address (cmm), or the connected server (plain).
+    /// The peer's address: the first remote address (connecting), where the first path came
+    /// from (accepting), or the connected server (plain).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         match self.mode() {
             Mode::Plain(p) => p.addrs().map(|a| a.1),
-            Mode::Cmm(s) => match s.role() {
-                Role::Connecting => s.remotes().first().copied(),
-                Role::Accepting => None,
-            },
+            Mode::Cmm(s) => s.remotes().first().copied(),
+        }
+    }
+
+    /// The local address of a physical connection, if one is open.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self.mode() {
+            Mode::Plain(p) => p.addrs().map(|a| a.0),
+            Mode::Cmm(s) => s.local_addr(),
+        }
+    }
+
+    /// Whether a `recv` would return at once (data, end of stream, or an error).
+    pub fn readable(&self) -> bool {
+        match self.mode() {
+            Mode::Plain(_) => false,
+            Mode::Cmm(s) => s.lock().session.readable(),
+        }
+    }
+
+    /// Calls `hook(readable)` whenever [`MultiSocket::readable`] changes (cmm mode), at once
+    /// with the current state, and always under the socket's lock so calls never race: the C
+    /// API keeps a file descriptor's readiness exactly in step with it.
+    pub fn set_readable_hook(&self, hook: Arc<dyn Fn(bool) + Send + Sync>) {
+        if let Mode::Cmm(s) = self.mode() {
+            s.set_readable_hook(hook);
         }
     }
 

@@ -464,6 +464,12 @@ pub fn workspace_example(name: &str) -> PathBuf {
     path
 }
 
+/// The build's profile directory (`target/debug`), where `libcmm.so`, `libcmm.a` and
+/// `libcmm.pc` are, after building the workspace like [`workspace_bin`].
+pub fn profile_dir() -> &'static Path {
+    built_dir()
+}
+
 fn built_dir() -> &'static Path {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT.get_or_init(build_workspace_bins).as_ref().unwrap_or_else(|e| panic!("{e}"))

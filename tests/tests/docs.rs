@@ -2,6 +2,7 @@
 //! destination (example.com becomes the lab's server). If the README changes a command, this
 //! test fails until it is updated to match.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -209,4 +210,48 @@ fn readme_library_examples_run_as_written() {
         stdout.lines().collect::<Vec<_>>(),
         vec!["[background] got 6 bytes labelled background", "[background] got 6 bytes labelled background"]
     );
+}
+
+/// The C section: build commands and hello.c, run as written but for the prefix (a temporary
+/// one) and the profile (this test's build).
+#[test]
+fn readme_c_example_builds_installs_and_runs() {
+    let Some(lab) = Lab::new("readme_c_example_builds_installs_and_runs") else { return };
+    readme("cargo build --release -p cmm");
+    let install = readme("sudo cmm-lib/install.sh /usr/local");
+    let compile = readme("cc hello.c -o hello $(pkg-config --cflags --libs libcmm)");
+    assert!(install.ends_with("/usr/local"));
+    // hello.c: the first C block.
+    let start = README.find("```c\n").expect("a C block") + 5;
+    let end = start + README[start..].find("```").unwrap();
+    let work = lab.dir().join("c");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("hello.c"), &README[start..end]).unwrap();
+
+    let prefix = lab.dir().join("prefix");
+    let profile = cmm_lab::profile_dir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("cmm-lib/install.sh"))
+        .arg(&prefix)
+        .env("CARGO_TARGET_DIR", profile.parent().unwrap())
+        .env("PROFILE", profile.file_name().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
+    for f in ["lib/libcmm.so", "lib/libcmm.a", "include/libcmm.h", "lib/pkgconfig/libcmm.pc"] {
+        assert!(prefix.join(f).exists(), "{f} not installed");
+    }
+    let out = Command::new("sh")
+        .args(["-c", compile])
+        .current_dir(&work)
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{compile}: {}", String::from_utf8_lossy(&out.stderr));
+
+    let server = lab.spawn(&lab.server(), cmm_lab::workspace_example("label_server"), &["10.3.0.2:7000"]);
+    server.wait_for_line("listening on", Duration::from_secs(20));
+    let out = lab.command(&lab.client(), work.join("hello")).arg("10.3.0.2").output().unwrap();
+    assert!(out.status.success(), "hello: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[0x4] got 6 bytes labelled ondemand\n");
 }

@@ -1,0 +1,212 @@
+//! libcmm.h: C programs built with gcc against the library, the header and the pkg-config
+//! file the build writes, run in the lab.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cmm_lab::{Lab, profile_dir};
+
+fn c_source(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../cmm-lib/tests/c").join(name)
+}
+
+fn pkg_config(args: &[&str]) -> Vec<String> {
+    let out = Command::new("pkg-config")
+        .args(args)
+        .arg("libcmm")
+        .env("PKG_CONFIG_PATH", profile_dir())
+        .output()
+        .expect("pkg-config (apt install pkg-config)");
+    assert!(out.status.success(), "pkg-config: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+}
+
+/// Compiles a C program against the shared library, with warnings as errors.
+fn compile(source: &str, out: &Path) {
+    let mut cmd = Command::new("gcc");
+    cmd.args(["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .args(pkg_config(&["--cflags"]))
+        .arg(c_source(source))
+        .arg("-o")
+        .arg(out)
+        .args(pkg_config(&["--libs"]));
+    let o = cmd.output().expect("gcc");
+    assert!(o.status.success(), "gcc {source} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn has_valgrind() -> bool {
+    Command::new("valgrind").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn the_header_declares_exactly_what_the_library_exports() {
+    let Some(lab) = Lab::new("the_header_declares_exactly_what_the_library_exports") else { return };
+    // The header's declarations, by name.
+    let header =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../cmm-lib/include/libcmm.h"))
+            .unwrap();
+    let mut declared: Vec<String> = header
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('*') && !l.trim_start().starts_with("/*"))
+        .filter_map(|l| {
+            let i = l.find("cmm_")?;
+            let rest = &l[i..];
+            let end = rest.find('(')?;
+            let name = &rest[..end];
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_').then(|| name.to_string())
+        })
+        .collect();
+    declared.sort();
+    declared.dedup();
+    // What libcmm.so exports.
+    let nm = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(profile_dir().join("libcmm.so"))
+        .output()
+        .unwrap();
+    let mut exported: Vec<String> = String::from_utf8_lossy(&nm.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last().filter(|n| n.starts_with("cmm_")).map(String::from))
+        .collect();
+    exported.sort();
+    assert_eq!(declared.len(), 20, "{declared:?}");
+    assert_eq!(declared, exported);
+
+    // The header pins every signature and constant (-Werror), links, and runs.
+    let bin = lab.dir().join("header_check");
+    compile("header_check.c", &bin);
+    let run = Command::new(&bin).output().unwrap();
+    assert!(run.status.success(), "header_check: {:?} {}", run.status, String::from_utf8_lossy(&run.stderr));
+
+    // The static library links too.
+    let static_bin = lab.dir().join("header_check_static");
+    let o = Command::new("gcc")
+        .args(["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Werror"])
+        .args(pkg_config(&["--cflags"]))
+        .arg(c_source("header_check.c"))
+        .arg("-o")
+        .arg(&static_bin)
+        .arg(profile_dir().join("libcmm.a"))
+        .args(["-lpthread", "-ldl", "-lm", "-lrt", "-lgcc_s"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "static link: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Command::new(&static_bin).status().unwrap().success());
+}
+
+const CLIENT_CONFIG: &str = r#"
+[[network]]
+name = "wifi"
+interface = "wifi0"
+kind = "wifi"
+bandwidth_down = "50mbit"
+bandwidth_up = "50mbit"
+rtt = "80ms"
+
+[[network]]
+name = "cell"
+interface = "cell0"
+kind = "cellular"
+bandwidth_down = "2mbit"
+bandwidth_up = "2mbit"
+rtt = "30ms"
+
+[label.background]
+metered = false
+"#;
+
+const RESTORE_WIFI: &str = "ip link set wifi0 up && ip addr replace 10.1.0.2/24 dev wifi0 \
+    && ip addr replace fd01::2/64 dev wifi0 nodad \
+    && ip route replace default via 10.1.0.1 dev wifi0 metric 100 \
+    && ip -6 route replace default via fd01::1 dev wifi0 metric 100";
+
+/// Bytes sent on a client uplink, from its TBF qdisc.
+fn uplink_bytes(lab: &Lab, dev: &str) -> u64 {
+    let out = lab.run(&lab.client(), "tc", &["-s", "qdisc", "show", "dev", dev]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().skip_while(|w| *w != "Sent").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+fn run_c_programs(test: &str, valgrind: bool) {
+    let Some(lab) = Lab::new(test) else { return };
+    let (server_bin, client_bin) = (lab.dir().join("server"), lab.dir().join("client"));
+    compile("server.c", &server_bin);
+    compile("client.c", &client_bin);
+    let vg = |bin: &Path| -> (String, Vec<String>) {
+        if valgrind {
+            let args = [
+                "--quiet",
+                "--error-exitcode=99",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite",
+                "--show-leak-kinds=definite",
+            ];
+            let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            v.push(bin.display().to_string());
+            ("valgrind".into(), v)
+        } else {
+            (bin.display().to_string(), Vec::new())
+        }
+    };
+    let (prog, mut args) = vg(&server_bin);
+    args.push("7100".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = lab.spawn(&lab.server(), &prog, &args);
+    server.wait_for_line("listening on 7100", Duration::from_secs(60));
+
+    let config = lab.write_file("libcmm.toml", CLIENT_CONFIG);
+    let wifi_before = uplink_bytes(&lab, "wifi0");
+    let (prog, mut args) = vg(&client_bin);
+    args.extend(["10.3.0.2".into(), "7100".into()]);
+    let out = lab
+        .command(&lab.client(), &prog)
+        .args(&args)
+        .env("CMM_CONFIG", &config)
+        .env("CMM_CUT", "ip link set wifi0 down")
+        .env("CMM_RESTORE", RESTORE_WIFI)
+        .env("RUST_LOG", std::env::var("CMM_TEST_LOG").unwrap_or_else(|_| "cmm=debug".into()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "client failed ({:?}):\n{stdout}\n{stderr}\nserver:\n{}",
+        out.status,
+        server.output()
+    );
+    for line in [
+        "got 5 bytes labelled 0x4",
+        "got 200000 bytes labelled 0x8",
+        "deferred",
+        "thunk ran",
+        "got 3000 bytes labelled 0x8",
+        "got 11 bytes labelled 0x4",
+        "ok",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} missing from:\n{stdout}");
+    }
+    // The 200 kB background message went over Wi-Fi.
+    assert!(uplink_bytes(&lab, "wifi0") - wifi_before > 200_000);
+    // The server saw the end of the stream and closed cleanly (and, under valgrind, without
+    // invalid accesses or definite leaks).
+    server.wait_for_line("end of stream", Duration::from_secs(60));
+    let status = server.wait_exit(Duration::from_secs(60)).expect("server exits");
+    assert!(status.success(), "server: {status:?}\n{}", server.output());
+}
+
+#[test]
+fn c_client_and_server_exchange_labelled_data() {
+    run_c_programs("c_client_and_server_exchange_labelled_data", false);
+}
+
+#[test]
+fn c_programs_are_clean_under_valgrind() {
+    if !has_valgrind() {
+        assert!(!cmm_lab::under_ci(), "CI must have valgrind");
+        eprintln!("SKIPPED: no valgrind");
+        return;
+    }
+    run_c_programs("c_programs_are_clean_under_valgrind", true);
+}
