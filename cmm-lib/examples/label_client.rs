@@ -23,7 +23,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The same config and network view as the proxy: $CMM_CONFIG, /etc/cmm/proxy.toml, or
     // the built-in defaults.
     let config = Config::discover(None)?;
-    let scout = Scout::embedded(config.classifier()).await?;
+    // The scout daemon's view when one runs, else watched here.
+    let scout = Scout::discover(&config, "label_client").await?;
     let connector = Connector::new(scout, Arc::new(config.policy.clone()), Duration::from_secs(5));
     let callbacks = Callbacks {
         label_up: Some(Arc::new(|e: &PathEvent| {

@@ -364,7 +364,8 @@ impl CmmSocket {
                 return false;
             }
             let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
-            let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial));
+            let interface = key.as_ref().and_then(|(k, _)| k.split_once('/').map(|(_, i)| i.to_string()));
+            let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial, interface));
             st.paths
                 .insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local, key });
             true
@@ -643,8 +644,18 @@ async fn timer_loop(sock: Arc<CmmSocket>) {
     }
 }
 
-async fn read_loop(sock: Arc<CmmSocket>, id: PathId, mut rd: OwnedReadHalf, initial: BytesMut) {
+/// How often a path's TCP_INFO is read for the scout's estimates.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+async fn read_loop(
+    sock: Arc<CmmSocket>,
+    id: PathId,
+    mut rd: OwnedReadHalf,
+    initial: BytesMut,
+    interface: Option<String>,
+) {
     const READ: usize = 256 * 1024;
+    let mut last_sample: Option<(Instant, net::TcpStats)> = None;
     // Frames are decoded here, outside the lock, straight from the read buffer: data chunks
     // borrow from it and reach the application without another copy.
     let mut decoder = FrameDecoder::new();
@@ -672,6 +683,18 @@ async fn read_loop(sock: Arc<CmmSocket>, id: PathId, mut rd: OwnedReadHalf, init
                 sock.end_path(id, &e.to_string());
                 return;
             }
+        }
+        // Now and then, what this connection says of its network goes to the scout.
+        if let Some(iface) = &interface
+            && last_sample.as_ref().is_none_or(|(t, _)| t.elapsed() >= SAMPLE_EVERY)
+            && let Some(stats) = net::tcp_stats(rd.as_ref())
+        {
+            let now = Instant::now();
+            if let Some((t, before)) = &last_sample {
+                let sample = net::sample_between(Some(before), &stats, now - *t);
+                sock.connector.scout().report(iface, sample);
+            }
+            last_sample = Some((now, stats));
         }
         match rd.read_buf(decoder.read_buffer(READ)).await {
             Ok(0) => {

@@ -101,7 +101,7 @@ fn lib() -> Result<&'static Lib, Errno> {
         let timeout = config.proxy.connect_timeout;
         let scout = {
             let _enter = runtime.enter();
-            block(Scout::embedded(config.classifier())).unwrap_or_else(|e| {
+            block(Scout::discover(&config, "libcmm")).unwrap_or_else(|e| {
                 eprintln!("libcmm: cannot watch networks ({e}); no network will be seen");
                 Scout::manual(vec![])
             })

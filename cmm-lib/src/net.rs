@@ -67,3 +67,101 @@ pub fn keepalive(stream: &TcpStream) -> io::Result<()> {
         .with_retries(6);
     SockRef::from(stream).set_tcp_keepalive(&ka)
 }
+
+/// What TCP_INFO says of a connection, for the scout's estimates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpStats {
+    /// The smallest round-trip time the connection saw.
+    pub min_rtt: Option<Duration>,
+    /// The sender's recent delivery rate in bits/s, when it was not application-limited (so
+    /// it reflects the path, not how much there was to send).
+    pub delivery_rate: Option<u64>,
+    /// Bytes received so far.
+    pub bytes_received: u64,
+    /// Bytes sent and acknowledged so far.
+    pub bytes_acked: u64,
+}
+
+/// Reads TCP_INFO of a connected socket.
+#[allow(unsafe_code)]
+pub fn tcp_stats(stream: &TcpStream) -> Option<TcpStats> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain old data, so all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a live socket descriptor writes at most `len` bytes into `info`,
+    // which is that large, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // The byte after the window scales holds `tcpi_delivery_rate_app_limited` in its lowest
+    // bit (a bitfield libc does not name).
+    // SAFETY: `info` is at least 8 bytes; byte 7 is within it.
+    let flags = unsafe { *(&info as *const libc::tcp_info as *const u8).add(7) };
+    let app_limited = flags & 1 != 0;
+    // An older kernel fills less: the fields it leaves out stay zero, and read as unknown.
+    Some(TcpStats {
+        min_rtt: (info.tcpi_min_rtt != 0).then(|| Duration::from_micros(u64::from(info.tcpi_min_rtt))),
+        delivery_rate: (!app_limited && info.tcpi_delivery_rate > 0).then_some(info.tcpi_delivery_rate * 8),
+        bytes_received: info.tcpi_bytes_received,
+        bytes_acked: info.tcpi_bytes_acked,
+    })
+}
+
+/// Fewest bytes moved in an interval for its rate to say something about the link: a trickle
+/// or a single request measures the application, not the path.
+const BUSY_BYTES: u64 = 256 * 1024;
+
+/// A sample for the scout from two readings of the same connection `elapsed` apart: its
+/// minimum RTT; its delivery rate, when it sent at least [`BUSY_BYTES`] in the interval and
+/// was not application-limited; and its receive rate, when it received at least that much.
+pub fn sample_between(
+    before: Option<&TcpStats>,
+    now: &TcpStats,
+    elapsed: Duration,
+) -> cmm_scout::ipc::Sample {
+    let received = before.map_or(0, |b| now.bytes_received.saturating_sub(b.bytes_received));
+    let acked = before.map_or(0, |b| now.bytes_acked.saturating_sub(b.bytes_acked));
+    let rate_down = (received >= BUSY_BYTES && elapsed >= Duration::from_millis(200))
+        .then(|| (received as f64 * 8.0 / elapsed.as_secs_f64()) as u64);
+    let rate_up = now.delivery_rate.filter(|_| acked >= BUSY_BYTES);
+    cmm_scout::ipc::Sample { rtt: now.min_rtt, rate_up, rate_down }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(received: u64, acked: u64, rate: Option<u64>) -> TcpStats {
+        TcpStats {
+            min_rtt: Some(Duration::from_millis(20)),
+            delivery_rate: rate,
+            bytes_received: received,
+            bytes_acked: acked,
+        }
+    }
+
+    #[test]
+    fn only_busy_intervals_give_rates() {
+        let second = Duration::from_secs(1);
+        // A request and a small answer: RTT only.
+        let s = sample_between(Some(&stats(0, 0, None)), &stats(2_000, 300, Some(60_000_000)), second);
+        assert_eq!((s.rtt, s.rate_up, s.rate_down), (Some(Duration::from_millis(20)), None, None));
+        // 1 MB down in a second: 8 Mbit/s. 1 MB up, not app-limited: the kernel's rate.
+        let s =
+            sample_between(Some(&stats(0, 0, None)), &stats(1_000_000, 1_000_000, Some(9_000_000)), second);
+        assert_eq!((s.rate_up, s.rate_down), (Some(9_000_000), Some(8_000_000)));
+        // The first reading has nothing to compare with.
+        let s = sample_between(None, &stats(1_000_000, 1_000_000, Some(9_000_000)), second);
+        assert_eq!((s.rate_up, s.rate_down), (None, None));
+    }
+}

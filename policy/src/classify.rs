@@ -21,6 +21,8 @@ pub struct NetworkDef {
     pub declared: Figures,
     /// Whether traffic on it costs money.
     pub metered: bool,
+    /// Whether the scout's measurements replace the declared figures.
+    pub use_estimates: bool,
     /// Preference rank (its position in the file).
     pub rank: u32,
 }
@@ -54,6 +56,7 @@ impl Classifier {
             n.index = index;
             n.declared = def.declared;
             n.metered = def.metered;
+            n.use_estimates = def.use_estimates;
             n.rank = def.rank;
             return Some(n);
         }
@@ -88,6 +91,7 @@ mod tests {
                 kind: NetworkKind::Wifi,
                 declared: Figures::default(),
                 metered: false,
+                use_estimates: true,
                 rank: 0,
             }],
             true,

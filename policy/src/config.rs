@@ -83,6 +83,12 @@ pub struct ScoutConfig {
     /// Whether interfaces that no `[[network]]` matches become networks of their own (named
     /// after the interface, kind guessed from the name).
     pub auto_networks: bool,
+    /// The scout daemon's Unix socket (`None`: the default place).
+    pub socket: Option<PathBuf>,
+    /// A `host:port` to connect to through every up network now and then, to measure RTT.
+    pub probe: Option<String>,
+    /// How often to probe.
+    pub probe_interval: Duration,
 }
 
 /// A user allowed to authenticate to the proxy.
@@ -122,7 +128,12 @@ impl Default for DeferConfig {
 
 impl Default for ScoutConfig {
     fn default() -> Self {
-        ScoutConfig { auto_networks: true }
+        ScoutConfig {
+            auto_networks: true,
+            socket: None,
+            probe: None,
+            probe_interval: Duration::from_secs(30),
+        }
     }
 }
 
@@ -324,6 +335,9 @@ struct RawDefer {
 #[serde(deny_unknown_fields)]
 struct RawScout {
     auto_networks: Option<bool>,
+    socket: Option<PathBuf>,
+    probe: Option<Spanned<String>>,
+    probe_interval: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +350,7 @@ struct RawNetwork {
     bandwidth_up: Option<ConfigRate>,
     rtt: Option<ConfigDuration>,
     metered: Option<bool>,
+    use_estimates: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -571,6 +586,20 @@ impl Raw {
         if let Some(a) = self.scout.auto_networks {
             config.scout.auto_networks = a;
         }
+        config.scout.socket = self.scout.socket;
+        if let Some(p) = self.scout.probe {
+            let ok = p
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(src.error(p.span(), format!("{:?} is not a host:port to probe", p.get_ref())));
+            }
+            config.scout.probe = Some(p.into_inner());
+        }
+        if let Some(i) = self.scout.probe_interval {
+            config.scout.probe_interval = nonzero(i, src)?;
+        }
 
         let mut network_names = HashSet::new();
         for (rank, net) in self.network.into_iter().enumerate() {
@@ -600,6 +629,7 @@ impl Raw {
                     rtt: n.rtt.map(|d| d.0),
                 },
                 metered: n.metered.unwrap_or(kind == NetworkKind::Cellular),
+                use_estimates: n.use_estimates.unwrap_or(true),
                 rank: rank as u32,
             });
         }
@@ -798,6 +828,20 @@ labels = 0x10
         let e = err("[label.background]\non_no_match = \"panic\"\n");
         assert_eq!(e.line(), 2, "{e}");
         assert!(e.to_string().contains("key `on_no_match`"), "{e}");
+    }
+
+    #[test]
+    fn scout_keys() {
+        let c = Config::parse(
+            "[scout]\nsocket = \"/tmp/s.sock\"\nprobe = \"example.com:443\"\nprobe_interval = \"10s\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.scout.socket.as_deref(), Some(Path::new("/tmp/s.sock")));
+        assert_eq!(c.scout.probe.as_deref(), Some("example.com:443"));
+        assert_eq!(c.scout.probe_interval, Duration::from_secs(10));
+        let e = err("[scout]\nprobe = \"nohost\"\n");
+        assert_eq!(e.line(), 2);
     }
 
     #[test]

@@ -122,9 +122,13 @@ pub struct Network {
     pub addresses: Vec<IpAddr>,
     /// Figures declared in the config.
     pub declared: Figures,
-    /// Figures the scout measured; they win over declared ones.
+    /// Figures the scout measured; they win over declared ones unless `use_estimates` is off.
     #[serde(default)]
     pub estimated: Figures,
+    /// Whether estimates win over declared figures (`use_estimates = false` in the config
+    /// keeps the declared ones, for a link known better than a minute of measurements tells).
+    #[serde(default = "yes")]
+    pub use_estimates: bool,
     /// Whether traffic on it costs money (policies may keep background traffic off it).
     pub metered: bool,
     /// Preference rank: lower is preferred when everything else is equal.
@@ -144,15 +148,21 @@ impl Network {
             addresses: Vec::new(),
             declared: Figures::default(),
             estimated: Figures::default(),
+            use_estimates: true,
             metered: false,
             rank: 0,
         }
     }
 
-    /// The figures the chooser uses: estimates, else declared, else the kind's defaults.
+    /// The figures the chooser uses: estimates, else declared (declared first when
+    /// `use_estimates` is off), else the kind's defaults.
     pub fn figures(&self) -> (u64, u64, Duration) {
         let (down, up, rtt) = self.kind.default_figures();
-        let f = self.estimated.or(self.declared);
+        let f = if self.use_estimates {
+            self.estimated.or(self.declared)
+        } else {
+            self.declared.or(self.estimated)
+        };
         (f.bandwidth_down.unwrap_or(down), f.bandwidth_up.unwrap_or(up), f.rtt.unwrap_or(rtt))
     }
 
@@ -170,6 +180,10 @@ impl Network {
     pub fn rtt(&self) -> Duration {
         self.figures().2
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 mod opt_duration_ms {
@@ -216,5 +230,9 @@ mod tests {
         n.estimated.rtt = Some(Duration::from_millis(15));
         assert_eq!(n.rtt(), Duration::from_millis(15));
         assert_eq!(n.bandwidth_down(), 50_000_000);
+        n.use_estimates = false;
+        assert_eq!(n.rtt(), Duration::from_millis(40), "declared figures stand");
+        n.estimated.bandwidth_down = Some(7_000_000);
+        assert_eq!(n.bandwidth_down(), 7_000_000, "estimates fill what is not declared");
     }
 }

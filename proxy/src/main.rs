@@ -79,13 +79,14 @@ async fn run(config: Config) -> ExitCode {
         Some(p) => tracing::info!("config {}", p.display()),
         None => tracing::info!("no config file: built-in defaults"),
     }
-    let scout = match Scout::embedded(config.classifier()).await {
+    let scout = match Scout::discover(&config, "cmm-proxy").await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cmm-proxy: cannot watch networks through rtnetlink: {e}");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!("scout: {}", scout.source());
     for n in &scout.snapshot().networks {
         match &n.down_reason {
             None => tracing::info!("network {} ({}, {}) up", n.name, n.interface, n.kind),

@@ -9,6 +9,8 @@
 //!   network goes down — then both sides are closed, so the client sees the end at once instead
 //!   of hanging on a dead uplink.
 
+use std::time::{Duration, Instant};
+
 use bytes::BytesMut;
 use bytes::buf::BufMut;
 use tokio::io::AsyncReadExt;
@@ -66,8 +68,11 @@ pub async fn run(
     relay(client, held, conn, log).await
 }
 
+/// How often a long transfer's upstream TCP_INFO is reported for its network's estimates.
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
 async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut ConnLog) -> String {
-    let UpstreamConn { io, lost, .. } = conn;
+    let UpstreamConn { io, lost, measure, .. } = conn;
     let mut counts = Counts::default();
     let mut client = client;
     let result = match io {
@@ -76,10 +81,26 @@ async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut 
                 return format!("upstream failed: {e}");
             }
             counts.up = held.len() as u64;
-            tokio::select! {
-                r = splice::splice_bidirectional(&client, &upstream, &mut counts) => Ok(r),
-                why = lost => Err(why),
-            }
+            let mut last = (Instant::now(), cmm::net::tcp_stats(&upstream));
+            let mut report = |upstream: &TcpStream| {
+                if let (Some(m), Some(now)) = (&measure, cmm::net::tcp_stats(upstream)) {
+                    m(cmm::net::sample_between(last.1.as_ref(), &now, last.0.elapsed()));
+                    last = (Instant::now(), Some(now));
+                }
+            };
+            let transfer = splice::splice_bidirectional(&client, &upstream, &mut counts);
+            tokio::pin!(transfer, lost);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + MEASURE_EVERY, MEASURE_EVERY);
+            let r = loop {
+                tokio::select! {
+                    r = &mut transfer => break Ok(r),
+                    why = &mut lost => break Err(why),
+                    _ = tick.tick() => report(&upstream),
+                }
+            };
+            report(&upstream);
+            r
         }
         UpstreamIo::Stream(mut upstream) => {
             if let Err(e) = splice::write_held(&mut upstream, &held).await {

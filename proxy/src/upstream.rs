@@ -73,7 +73,12 @@ pub struct UpstreamConn {
     pub local: Option<SocketAddr>,
     /// Resolves, with a reason, when the path is lost (its network went down).
     pub lost: BoxFuture<'static, String>,
+    /// Takes measurements of the connection for its network's estimates, if it has one.
+    pub measure: Option<Measure>,
 }
+
+/// Where measurements of an upstream connection go (the scout, for its network).
+pub type Measure = Arc<dyn Fn(cmm_scout::ipc::Sample) + Send + Sync>;
 
 /// A connection waiting for a network.
 pub trait DeferredConn: Send {
@@ -152,6 +157,11 @@ impl DirectUpstream {
 fn upstream_conn(connector: &Connector, c: Connected) -> UpstreamConn {
     let local = c.stream.local_addr().ok();
     let network = c.network.as_ref().map(|n| n.interface.clone());
+    let measure: Option<Measure> = c.network.as_ref().map(|n| {
+        let scout = connector.scout().clone();
+        let iface = n.interface.clone();
+        Arc::new(move |sample| scout.report(&iface, sample)) as Measure
+    });
     let lost: BoxFuture<'static, String> = match c.network {
         Some(n) => {
             let connector = connector.clone();
@@ -168,7 +178,7 @@ fn upstream_conn(connector: &Connector, c: Connected) -> UpstreamConn {
         }
         None => Box::pin(futures::future::pending()),
     };
-    UpstreamConn { io: UpstreamIo::Tcp(c.stream), network, local, lost }
+    UpstreamConn { io: UpstreamIo::Tcp(c.stream), network, local, lost, measure }
 }
 
 struct DeferredDirect {

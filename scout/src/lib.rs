@@ -6,12 +6,22 @@
 //! - [`snapshot`]: [`Snapshot`], the networks at one moment, and [`Change`].
 //! - [`scout`]: [`Scout`], the handle that the library and the proxy subscribe to, with
 //!   overrides and measured figures layered on top.
+//! - [`estimate`]: RTT and bandwidth from connection measurements; [`probe`]: active probes.
+//! - [`daemon`] and [`remote`]: one scout for the whole machine over a Unix socket, and the
+//!   client side that mirrors it; [`ipc`]: their protocol (`IPC.md`).
+//! - [`replay`]: network traces, played to subscribers and, in a lab, onto real interfaces.
 //!
 //! Classification (which interface is which network) comes from `cmm-policy`; this crate
 //! decides only up or down and publishes.
 
+pub mod daemon;
+pub mod estimate;
+pub mod ipc;
 pub mod monitor;
 pub mod netstate;
+pub mod probe;
+pub mod remote;
+pub mod replay;
 pub mod scout;
 pub mod snapshot;
 

@@ -198,6 +198,7 @@ mod tests {
                 kind: NetworkKind::Wifi,
                 declared: Figures::default(),
                 metered: false,
+                use_estimates: true,
                 rank: 0,
             }],
             true,

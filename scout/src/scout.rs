@@ -1,19 +1,27 @@
 //! [`Scout`]: the live view of networks that the library and the proxy subscribe to.
 //!
-//! A scout has a *source* of networks — the kernel through rtnetlink ([`Scout::embedded`]), or
-//! a list set by hand ([`Scout::manual`], for tests and emulation) — and overlays on top: forced
-//! up/down overrides and measured figures. Every change publishes a new [`Snapshot`] through a
-//! `tokio::sync::watch` channel, so a subscriber always sees the latest state, never blocks the
-//! scout, and holds no queue that could grow.
+//! A scout has a *source* of networks — the kernel through rtnetlink ([`Scout::embedded`]), a
+//! scout daemon over its Unix socket ([`Scout::discover`] prefers one when it runs), or a list
+//! set by hand ([`Scout::manual`], for tests and emulation) — and overlays on top: forced
+//! up/down overrides and measured figures ([`Scout::report`]). With a daemon as the source,
+//! overrides and reports go to the daemon, which applies them for every subscriber.
+//!
+//! Every change publishes a new [`Snapshot`] through a `tokio::sync::watch` channel, so a
+//! subscriber always sees the latest state, never blocks the scout, and holds no queue that
+//! could grow.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use cmm_policy::{Classifier, Figures, Network};
-use tokio::sync::watch;
+use std::time::Instant;
 
+use cmm_policy::{Classifier, Config, Figures, Network};
+use tokio::sync::{mpsc, watch};
+
+use crate::estimate::Estimator;
+use crate::ipc::{ForcedState, Request, Sample};
 use crate::monitor;
 use crate::snapshot::{Change, Snapshot};
 
@@ -27,12 +35,16 @@ pub struct Scout {
 struct Shared {
     state: Mutex<Overlay>,
     tx: watch::Sender<Arc<Snapshot>>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// When a daemon is the source: requests (overrides, reports) for it.
+    remote: Mutex<Option<mpsc::Sender<Request>>>,
+    /// Where the networks come from, for logs.
+    source: Mutex<String>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+        for task in self.tasks.get_mut().unwrap_or_else(PoisonError::into_inner).drain(..) {
             task.abort();
         }
     }
@@ -44,11 +56,13 @@ struct Overlay {
     local: Vec<IpAddr>,
     overrides: BTreeMap<String, bool>,
     estimates: BTreeMap<String, Figures>,
+    estimators: BTreeMap<String, Estimator>,
     generation: u64,
 }
 
 impl Overlay {
     fn render(&self) -> Vec<Network> {
+        let now = Instant::now();
         let mut out = self.base.clone();
         for n in &mut out {
             let forced = self.overrides.get(&n.interface).or_else(|| self.overrides.get(&n.name));
@@ -63,8 +77,11 @@ impl Overlay {
                 }
                 _ => {}
             }
-            if let Some(f) = self.estimates.get(&n.interface) {
-                n.estimated = *f;
+            let measured = self.estimators.get(&n.interface).map(|e| e.figures(now)).unwrap_or_default();
+            if let Some(f) = self.estimates.get(&n.interface).or_else(|| self.estimates.get(&n.name)) {
+                n.estimated = f.or(measured);
+            } else if measured != Figures::default() {
+                n.estimated = measured.or(n.estimated);
             }
         }
         out
@@ -76,7 +93,95 @@ impl Scout {
         let first =
             Snapshot { generation: 0, networks: overlay.render(), local_addresses: overlay.local.clone() };
         let (tx, _) = watch::channel(Arc::new(first));
-        Scout { shared: Arc::new(Shared { state: Mutex::new(overlay), tx, task: Mutex::new(None) }) }
+        Scout {
+            shared: Arc::new(Shared {
+                state: Mutex::new(overlay),
+                tx,
+                tasks: Mutex::new(Vec::new()),
+                remote: Mutex::new(None),
+                source: Mutex::new("manual".into()),
+            }),
+        }
+    }
+
+    /// The scout a program should use: the daemon at the configured socket when one runs (its
+    /// view, overrides and estimates are shared by every program), else an embedded one
+    /// watching the kernel, silently (a debug log line says which).
+    pub async fn discover(config: &Config, client: &str) -> io::Result<Scout> {
+        let path = crate::daemon::socket_path(config);
+        match crate::remote::connect(&path, client, config.classifier()).await {
+            Ok(scout) => {
+                tracing::debug!("using the scout daemon at {}", path.display());
+                Ok(scout)
+            }
+            Err(e) => {
+                tracing::debug!("no scout daemon at {} ({e}): using the embedded scout", path.display());
+                let scout = Scout::embedded(config.classifier()).await?;
+                if let Some(target) = &config.scout.probe {
+                    scout.start_probes(target.clone(), config.scout.probe_interval);
+                }
+                Ok(scout)
+            }
+        }
+    }
+
+    /// A scout whose networks and local addresses start as `snapshot` and are then set by its
+    /// source's task (`remote` keeps it, and sends it requests).
+    pub(crate) fn from_snapshot(snapshot: &Snapshot, source: String) -> Scout {
+        let scout = Scout::with_state(Overlay {
+            base: snapshot.networks.clone(),
+            local: snapshot.local_addresses.clone(),
+            ..Overlay::default()
+        });
+        *scout.shared.source.lock().unwrap_or_else(PoisonError::into_inner) = source;
+        scout
+    }
+
+    /// Sends requests for the daemon to `tx` from now on.
+    pub(crate) fn set_remote(&self, tx: Option<mpsc::Sender<Request>>) {
+        *self.shared.remote.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+    }
+
+    /// Keeps `task` running as long as the scout lives.
+    pub(crate) fn own_task(&self, task: tokio::task::JoinHandle<()>) {
+        self.shared.tasks.lock().unwrap_or_else(PoisonError::into_inner).push(task);
+    }
+
+    /// A weak handle, for the scout's own tasks.
+    pub(crate) fn downgrade(&self) -> WeakScout {
+        WeakScout(Arc::downgrade(&self.shared))
+    }
+
+    /// Where the networks come from (`embedded`, `daemon at PATH`, `manual`).
+    pub fn source(&self) -> String {
+        self.shared.source.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn remote(&self) -> Option<mpsc::Sender<Request>> {
+        self.shared.remote.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Takes a measurement of a connection on `interface` (TCP_INFO, or a probe). The
+    /// network's estimates follow; with a daemon as source, the daemon takes it.
+    pub fn report(&self, interface: &str, sample: Sample) {
+        if let Some(tx) = self.remote() {
+            // A full queue (the daemon is slow) drops the sample: more follow.
+            let _ = tx.try_send(Request::Report { interface: interface.to_string(), sample });
+            return;
+        }
+        self.update(|o| o.estimators.entry(interface.to_string()).or_default().add(&sample, Instant::now()));
+    }
+
+    /// Renders again, so estimates past their window are dropped.
+    pub fn refresh(&self) {
+        self.update(|_| {});
+    }
+
+    /// Probes every up network every `interval` by connecting to `target` through it; the
+    /// handshake time is an RTT sample.
+    pub fn start_probes(&self, target: String, interval: std::time::Duration) {
+        let task = tokio::spawn(crate::probe::run(self.downgrade(), target, interval));
+        self.own_task(task);
     }
 
     /// A scout whose networks come from the kernel of the current network namespace, classified
@@ -93,7 +198,18 @@ impl Scout {
             true
         });
         let task = monitor::spawn(publish).await?;
-        *scout.shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        scout.own_task(task);
+        *scout.shared.source.lock().unwrap_or_else(PoisonError::into_inner) = "embedded".into();
+        // Estimates age out even when nothing else changes.
+        let weak = scout.downgrade();
+        scout.own_task(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                s.refresh();
+            }
+        }));
         tracing::debug!(networks = ?scout.snapshot().networks.iter().map(|n| &n.interface).collect::<Vec<_>>(), "embedded scout started");
         Ok(scout)
     }
@@ -122,6 +238,11 @@ impl Scout {
         self.set_base(networks, local);
     }
 
+    /// Replaces networks and local addresses at once (a remote source's update).
+    pub(crate) fn set_view(&self, networks: Vec<Network>, local: Vec<IpAddr>) {
+        self.set_base(networks, local);
+    }
+
     /// Sets this machine's own addresses (for a manual scout).
     pub fn set_local_addresses(&self, local: Vec<IpAddr>) {
         let base = self.lock().base.clone();
@@ -129,8 +250,19 @@ impl Scout {
     }
 
     /// Forces a network (by interface or name) up or down, or (`None`) lets its real state
-    /// show again.
+    /// show again. With a daemon as source, the daemon does it, for every subscriber.
     pub fn set_override(&self, network: &str, up: Option<bool>) {
+        if let Some(tx) = self.remote() {
+            let state = match up {
+                Some(true) => ForcedState::Up,
+                Some(false) => ForcedState::Down,
+                None => ForcedState::Auto,
+            };
+            if tx.try_send(Request::Set { network: network.to_string(), state }).is_err() {
+                tracing::warn!("the scout daemon is not taking requests: {network} not forced");
+            }
+            return;
+        }
         self.update(|o| match up {
             Some(up) => {
                 o.overrides.insert(network.to_string(), up);
@@ -141,7 +273,8 @@ impl Scout {
         });
     }
 
-    /// Records measured figures for the network on `interface`; they win over declared ones.
+    /// Records figures for the network on `interface` (or named so), as a trace replay does; they
+    /// win over declared and measured ones.
     pub fn set_estimate(&self, interface: &str, figures: Figures) {
         self.update(|o| {
             o.estimates.insert(interface.to_string(), figures);
@@ -171,10 +304,25 @@ impl Scout {
         o.generation += 1;
         let snapshot = Snapshot { generation: o.generation, networks, local_addresses: o.local.clone() };
         for change in snapshot.changes_since(&current) {
-            tracing::info!(target: "cmm_scout", "network {change}");
+            // Figures move often (estimates); ups and downs are what a person reads logs for.
+            match change {
+                Change::Changed(_) => tracing::debug!(target: "cmm_scout", "network {change}"),
+                _ => tracing::info!(target: "cmm_scout", "network {change}"),
+            }
         }
         // Sent while holding the lock so snapshots leave in generation order.
         self.shared.tx.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// A scout that does not keep it alive (its own tasks hold these).
+#[derive(Clone)]
+pub(crate) struct WeakScout(std::sync::Weak<Shared>);
+
+impl WeakScout {
+    /// The scout, if it still exists.
+    pub(crate) fn upgrade(&self) -> Option<Scout> {
+        self.0.upgrade().map(|shared| Scout { shared })
     }
 }
 

@@ -14,25 +14,6 @@ use cmm::{Callbacks, Connector, Labels, Listener, MultiSocket, Policy, Scout};
 use cmm_lab::{Cut, Lab, Uplink};
 use cmm_policy::Config;
 
-const CONFIG: &str = r#"
-[[network]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-bandwidth_down = "50mbit"
-bandwidth_up = "50mbit"
-rtt = "80ms"
-
-[[network]]
-name = "cell"
-interface = "cell0"
-kind = "cellular"
-bandwidth_down = "2mbit"
-bandwidth_up = "2mbit"
-rtt = "30ms"
-metered = false
-"#;
-
 fn main() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -65,7 +46,7 @@ fn main() {
     lab.in_namespace(&lab.client(), move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
-            let config = Config::parse(CONFIG, "bench").unwrap();
+            let config = Config::parse(&cmm_lab::config(""), "bench").unwrap();
             let scout = Scout::embedded(config.classifier()).await.unwrap();
             let c = Connector::new(scout, Arc::new(config.policy.clone()), Duration::from_secs(3));
             let s = MultiSocket::connect(&c, addr, Labels::BACKGROUND, Callbacks::default()).await.unwrap();

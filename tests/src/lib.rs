@@ -115,6 +115,35 @@ pub const ECHO_PORT: u16 = 7007;
 /// TCP sink port: reads to end of stream, then answers `<bytes> <sha256>\n` and closes.
 pub const SINK_PORT: u16 = 9000;
 
+/// The lab's two uplinks declared as networks: Wi-Fi fast but far (a busy hotspot), cellular
+/// slow but near, and metered (its kind's default). So ONDEMAND (lowest RTT) takes cell and
+/// BACKGROUND (highest bandwidth) takes Wi-Fi. The lab's veths have no delay, so measured RTTs
+/// would be near zero on both: the declared figures stand (`use_estimates = false`).
+pub const NETWORKS: &str = r#"
+[[network]]
+name = "wifi"
+interface = "wifi0"
+kind = "wifi"
+bandwidth_down = "50mbit"
+bandwidth_up = "50mbit"
+rtt = "80ms"
+use_estimates = false
+
+[[network]]
+name = "cell"
+interface = "cell0"
+kind = "cellular"
+bandwidth_down = "2mbit"
+bandwidth_up = "2mbit"
+rtt = "30ms"
+use_estimates = false
+"#;
+
+/// A config of `settings` (top-level keys first, then tables) and the lab's [`NETWORKS`].
+pub fn config(settings: &str) -> String {
+    format!("{settings}\n{NETWORKS}")
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A three-namespace lab, removed on drop.
@@ -450,7 +479,8 @@ pub fn lab_server_bin() -> PathBuf {
 }
 
 /// A binary of the workspace (`cmm-proxy`, `cmm-scout`, `lab-server`), built on first use with
-/// the same cargo and profile as the running test, so tests always run the current code.
+/// the same cargo and profile as the running test, so tests always run the current code. The
+/// libraries are built too, `libcmm.so` and `libcmm.a` included (`--bins` alone skips them).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let path = built_dir().join(name);
     assert!(path.exists(), "{} was not built", path.display());
@@ -485,7 +515,7 @@ fn build_workspace_bins() -> Result<PathBuf, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "--bins", "--examples", "--manifest-path"])
+    cmd.args(["build", "--quiet", "--lib", "--bins", "--examples", "--manifest-path"])
         .arg(&manifest)
         .arg("--target-dir")
         .arg(target_dir)

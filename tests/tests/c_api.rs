@@ -95,23 +95,7 @@ fn the_header_declares_exactly_what_the_library_exports() {
     assert!(Command::new(&static_bin).status().unwrap().success());
 }
 
-const CLIENT_CONFIG: &str = r#"
-[[network]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-bandwidth_down = "50mbit"
-bandwidth_up = "50mbit"
-rtt = "80ms"
-
-[[network]]
-name = "cell"
-interface = "cell0"
-kind = "cellular"
-bandwidth_down = "2mbit"
-bandwidth_up = "2mbit"
-rtt = "30ms"
-
+const CLIENT_SETTINGS: &str = r#"
 [label.background]
 metered = false
 "#;
@@ -155,7 +139,7 @@ fn run_c_programs(test: &str, valgrind: bool) {
     let server = lab.spawn(&lab.server(), &prog, &args);
     server.wait_for_line("listening on 7100", Duration::from_secs(60));
 
-    let config = lab.write_file("libcmm.toml", CLIENT_CONFIG);
+    let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
     let wifi_before = uplink_bytes(&lab, "wifi0");
     let (prog, mut args) = vg(&client_bin);
     args.extend(["10.3.0.2".into(), "7100".into()]);

@@ -255,3 +255,96 @@ fn readme_c_example_builds_installs_and_runs() {
     assert!(out.status.success(), "hello: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[0x4] got 6 bytes labelled ondemand\n");
 }
+
+/// The scout section: the daemon, `status`, `set` and `replay`, as written but for the
+/// interface (wlan0 is the lab's wifi0) and a socket of the test's own (tests run in parallel).
+#[test]
+fn readme_scout_commands_run_as_written() {
+    let Some(lab) = Lab::new("readme_scout_commands_run_as_written") else { return };
+    let _servers = lab.start_servers();
+    let socket = lab.dir().join("scout.sock");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let scout = |cmd: &str| -> Command {
+        let args = cmd.strip_prefix("cargo run --release -p cmm-scout -- ").expect("a cmm-scout command");
+        let mut c = lab.command(&lab.client(), workspace_bin("cmm-scout"));
+        c.args(args.replace("wlan0", "wifi0").split(' ')).env("CMM_SCOUT_SOCKET", &socket).current_dir(&root);
+        c
+    };
+    let status = || -> String {
+        let out = scout(readme("cargo run --release -p cmm-scout -- status")).output().unwrap();
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let wifi_line = |table: &str| {
+        table.lines().find(|l| l.contains("wifi0")).unwrap_or_else(|| panic!("{table}")).to_string()
+    };
+
+    let daemon = Proc::spawn(scout(readme("cargo run --release -p cmm-scout -- daemon")));
+    daemon.wait_for_line("scout daemon listening on", Duration::from_secs(20));
+    assert!(wifi_line(&status()).contains(" up "), "{}", status());
+
+    // A program started now uses the daemon.
+    let mut proxy = lab.command(&lab.client(), workspace_bin("cmm-proxy"));
+    proxy.env("CMM_SCOUT_SOCKET", &socket);
+    let proxy = Proc::spawn(proxy);
+    let line = proxy.wait_for_line("scout: ", Duration::from_secs(20));
+    assert!(line.contains("daemon at"), "{line}");
+
+    // Its connections' TCP_INFO becomes the daemon's estimate for the network they used.
+    proxy.wait_for_line("listening on", Duration::from_secs(20));
+    let out = lab.run(
+        &lab.client(),
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-x",
+            "socks5h://background@127.0.0.1:1080",
+            "http://server4.lab:8080/bytes/4000000",
+        ],
+    );
+    assert!(out.status.success(), "curl: {}\n{}", String::from_utf8_lossy(&out.stderr), proxy.output());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let estimated = loop {
+        let mut c = scout("cargo run --release -p cmm-scout -- status --json");
+        let v: serde_json::Value = serde_json::from_slice(&c.output().unwrap().stdout).expect("JSON");
+        let wifi =
+            v["networks"].as_array().unwrap().iter().find(|n| n["interface"] == "wifi0").unwrap().clone();
+        if wifi["estimated"]["bandwidth_down"].is_u64() || std::time::Instant::now() > deadline {
+            break wifi["estimated"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("wifi0 as estimated from one proxied download: {estimated}");
+    let rtt = estimated["rtt"].as_f64().unwrap_or_else(|| panic!("no RTT estimate: {estimated}"));
+    assert!(rtt > 0.0 && rtt < 1000.0, "{estimated}");
+    // The download crossed the Wi-Fi uplink's 50 Mbit/s TBF: the receive rate is of that order.
+    let down =
+        estimated["bandwidth_down"].as_u64().unwrap_or_else(|| panic!("no bandwidth estimate: {estimated}"));
+    assert!((5_000_000..=100_000_000).contains(&down), "{estimated}");
+
+    let ok = |cmd: &str| {
+        let out = scout(readme(cmd)).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    ok("cargo run --release -p cmm-scout -- set wlan0 down");
+    assert!(wifi_line(&status()).contains("forced down"), "{}", status());
+    proxy.wait_for_line("network wifi0 (wifi0) down: forced down", Duration::from_secs(10));
+    ok("cargo run --release -p cmm-scout -- set wlan0 auto");
+    assert!(wifi_line(&status()).contains(" up "), "{}", status());
+    drop(proxy);
+    drop(daemon);
+
+    // The drive trace, driving the lab's Wi-Fi: its figures become the estimates, and its
+    // upload rate the TBF on wifi0.
+    let replay = Proc::spawn(scout(readme(
+        "cargo run --release -p cmm-scout -- replay scout/traces/drive.csv --drive wifi=wlan0",
+    )));
+    replay.wait_for_line("wifi up (driving wifi0)", Duration::from_secs(20));
+    let line = wifi_line(&status());
+    assert!(line.contains("20.0 Mbit/s") && line.contains("60ms"), "{line}");
+    let tc = lab.run(&lab.client(), "tc", &["qdisc", "show", "dev", "wifi0"]);
+    let tc = String::from_utf8_lossy(&tc.stdout);
+    assert!(tc.contains("tbf") && tc.contains("rate 6Mbit"), "{tc}");
+}

@@ -15,23 +15,7 @@ use sha2::{Digest, Sha256};
 /// Wi-Fi: fast but far; cellular: slow, near and metered. ONDEMAND (lowest RTT) takes cell,
 /// BACKGROUND (highest bandwidth) takes Wi-Fi and may not use the metered cell: while Wi-Fi is
 /// down, background waits and on-demand goes on.
-const CLIENT_CONFIG: &str = r#"
-[[network]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-bandwidth_down = "50mbit"
-bandwidth_up = "50mbit"
-rtt = "80ms"
-
-[[network]]
-name = "cell"
-interface = "cell0"
-kind = "cellular"
-bandwidth_down = "2mbit"
-bandwidth_up = "2mbit"
-rtt = "30ms"
-
+const CLIENT_SETTINGS: &str = r#"
 [label.background]
 metered = false
 max_wait = "10m"
@@ -90,7 +74,7 @@ fn hundred_megabytes_across_five_wifi_outages() {
     let client = lab.in_namespace(&lab.client(), move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
-            let config = Config::parse(CLIENT_CONFIG, "lab").unwrap();
+            let config = Config::parse(&cmm_lab::config(CLIENT_SETTINGS), "lab").unwrap();
             let scout = Scout::embedded(config.classifier()).await.unwrap();
             let connector = Connector::new(scout, Arc::new(config.policy.clone()), Duration::from_secs(3));
             let sock = MultiSocket::connect(&connector, addr, Labels::BACKGROUND, Callbacks::default())
@@ -178,7 +162,7 @@ fn the_examples_run_in_the_lab() {
     let Some(lab) = Lab::new("the_examples_run_in_the_lab") else { return };
     let server = lab.spawn(&lab.server(), cmm_lab::workspace_example("label_server"), &["10.3.0.2:7000"]);
     server.wait_for_line("listening on", Duration::from_secs(20));
-    let config = lab.write_file("client.toml", CLIENT_CONFIG);
+    let config = lab.write_file("client.toml", &cmm_lab::config(CLIENT_SETTINGS));
     let out = lab
         .command(&lab.client(), cmm_lab::workspace_example("label_client"))
         .args(["10.3.0.2:7000", "background", "first", "second"])

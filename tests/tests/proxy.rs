@@ -10,7 +10,7 @@ use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, SINK_PORT, Uplink, pattern, soc
 /// The lab's proxy config: Wi-Fi is fast but far (a busy hotspot), cellular is slow but close
 /// and metered. So ONDEMAND (lowest RTT) takes cell, BACKGROUND (highest bandwidth) takes wifi,
 /// and background traffic never uses the metered network: with wifi down it waits.
-const CONFIG: &str = r#"
+const SETTINGS: &str = r#"
 default_labels = "ondemand"
 
 [proxy]
@@ -21,20 +21,6 @@ shutdown_grace = "20s"
 [defer]
 max_bytes = "64KiB"
 max_wait = "60s"
-
-[[network]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-bandwidth_down = "50mbit"
-rtt = "80ms"
-
-[[network]]
-name = "cell"
-interface = "cell0"
-kind = "cellular"
-bandwidth_down = "2mbit"
-rtt = "30ms"
 
 [label.background]
 metered = false
@@ -47,6 +33,11 @@ on_no_match = "reject"
 port = 9000
 labels = "background"
 "#;
+
+/// [`SETTINGS`] and the lab's networks.
+fn config() -> String {
+    cmm_lab::config(SETTINGS)
+}
 
 struct ProxyLab {
     lab: Lab,
@@ -109,7 +100,7 @@ fn url(path: &str) -> String {
 
 #[test]
 fn labels_from_the_username_choose_the_uplink() {
-    let Some(p) = start("labels_from_the_username_choose_the_uplink", CONFIG) else { return };
+    let Some(p) = start("labels_from_the_username_choose_the_uplink", &config()) else { return };
     let via = |user: &str| p.curl_ok(&["-x", &format!("socks5h://{user}@{PROXY}"), &url("/ip")]);
     // ONDEMAND: lowest RTT (cell); BACKGROUND: highest bandwidth (wifi).
     assert_eq!(via("ondemand"), "10.2.0.2");
@@ -140,7 +131,7 @@ fn labels_from_the_username_choose_the_uplink() {
 
 #[test]
 fn labels_from_rules_and_ipv6() {
-    let Some(p) = start("labels_from_rules_and_ipv6", CONFIG) else { return };
+    let Some(p) = start("labels_from_rules_and_ipv6", &config()) else { return };
     // Port 9000 is labelled background by a rule: it goes over wifi, and the rule is named.
     let answer = p.in_client(|| upload(None, SERVER, SINK_PORT, b"hello"));
     assert!(answer.starts_with("5 "), "{answer}");
@@ -158,7 +149,7 @@ fn labels_from_rules_and_ipv6() {
 
 #[test]
 fn a_half_closed_upload_gets_its_whole_response() {
-    let Some(p) = start("a_half_closed_upload_gets_its_whole_response", CONFIG) else { return };
+    let Some(p) = start("a_half_closed_upload_gets_its_whole_response", &config()) else { return };
     let data = pattern::bytes(3_000_000);
     let expected = format!("{} {}", data.len(), pattern::sha256_hex(&data));
     let answer = p.in_client(move || {
@@ -192,7 +183,7 @@ fn a_half_closed_upload_gets_its_whole_response() {
 
 #[test]
 fn deferred_download_completes_when_its_network_returns() {
-    let Some(p) = start("deferred_download_completes_when_its_network_returns", CONFIG) else { return };
+    let Some(p) = start("deferred_download_completes_when_its_network_returns", &config()) else { return };
     for (i, how) in [Cut::Admin, Cut::Carrier].into_iter().enumerate() {
         p.lab.cut(Uplink::Wifi, how);
         let out = p.lab.dir().join(format!("body{i}"));
@@ -230,7 +221,7 @@ fn deferred_download_completes_when_its_network_returns() {
 
 #[test]
 fn deferred_upload_holds_every_byte_in_order() {
-    let Some(p) = start("deferred_upload_holds_every_byte_in_order", CONFIG) else { return };
+    let Some(p) = start("deferred_upload_holds_every_byte_in_order", &config()) else { return };
     p.lab.cut(Uplink::Wifi, Cut::Admin);
     // 1 MB through a 64 KiB hold buffer: the proxy must stop reading (back-pressure), not drop.
     let data = pattern::bytes(1_000_000);
@@ -256,7 +247,7 @@ fn deferred_upload_holds_every_byte_in_order() {
 
 #[test]
 fn connect_and_forwarding_over_http() {
-    let Some(p) = start("connect_and_forwarding_over_http", CONFIG) else { return };
+    let Some(p) = start("connect_and_forwarding_over_http", &config()) else { return };
     let proxy = format!("http://background@{PROXY}");
     // Two requests on one client connection: forwarded with keep-alive on both sides.
     let out = p.curl(&[
@@ -293,7 +284,7 @@ fn connect_and_forwarding_over_http() {
 
 #[test]
 fn bad_requests_get_the_right_errors() {
-    let Some(p) = start("bad_requests_get_the_right_errors", CONFIG) else { return };
+    let Some(p) = start("bad_requests_get_the_right_errors", &config()) else { return };
     let code = |out: &Output| out.status.code().unwrap_or(-1);
     let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).to_string();
 
@@ -359,7 +350,7 @@ fn bad_requests_get_the_right_errors() {
 
 #[test]
 fn a_network_lost_mid_transfer_closes_the_client() {
-    let Some(p) = start("a_network_lost_mid_transfer_closes_the_client", CONFIG) else { return };
+    let Some(p) = start("a_network_lost_mid_transfer_closes_the_client", &config()) else { return };
     for how in [Cut::Admin, Cut::Carrier] {
         // 40 MB over cell (2 Mbit/s) would take minutes; the network goes after a second.
         let curl = p.lab.spawn(
@@ -410,7 +401,7 @@ fn a_network_lost_mid_transfer_closes_the_client() {
 
 #[test]
 fn local_destinations_go_direct_whatever_the_labels() {
-    let Some(p) = start("local_destinations_go_direct_whatever_the_labels", CONFIG) else { return };
+    let Some(p) = start("local_destinations_go_direct_whatever_the_labels", &config()) else { return };
     let bin = cmm_lab::lab_server_bin();
     let local = p.lab.spawn(&p.lab.client(), bin, &["--http", "127.0.0.1:8081", "--http", "10.1.0.2:8082"]);
     local.wait_for_line("ready", Duration::from_secs(10));
@@ -433,7 +424,7 @@ fn local_destinations_go_direct_whatever_the_labels() {
 
 #[test]
 fn sigterm_lets_live_connections_finish() {
-    let Some(p) = start("sigterm_lets_live_connections_finish", CONFIG) else { return };
+    let Some(p) = start("sigterm_lets_live_connections_finish", &config()) else { return };
     // ~3 s over cell.
     let out = p.lab.dir().join("body");
     let curl = p.lab.spawn(
@@ -491,7 +482,7 @@ fn config_errors_name_the_key_and_line() {
 
 #[test]
 fn authentication_when_exposed() {
-    let config = CONFIG.replace("listen = [\"127.0.0.1:1080\"]", "listen = [\"0.0.0.0:1080\"]")
+    let config = config().replace("listen = [\"127.0.0.1:1080\"]", "listen = [\"0.0.0.0:1080\"]")
         + "\n[[user]]\nname = \"alice\"\npassword = \"s3cret\"\n\n[[rule]]\nuser = \"alice\"\nlabels = \"background\"\n";
     let Some(p) = start("authentication_when_exposed", &config) else { return };
     // No credentials: refused on both protocols, with a Basic challenge over HTTP.
@@ -518,7 +509,7 @@ fn authentication_when_exposed() {
 
 #[test]
 fn timeouts_unreachable_and_deferral_limits() {
-    let config = CONFIG
+    let config = config()
         .replace("[label.background]\nmetered = false", "[label.background]\nmetered = false\nmax_wait = \"2s\"")
         .replace("listen = [\"127.0.0.1:1080\"]", "listen = [\"127.0.0.1:1080\"]\nsocks_listen = [\"127.0.0.1:1081\"]\nhttp_listen = [\"127.0.0.1:1082\"]");
     let Some(p) = start("timeouts_unreachable_and_deferral_limits", &config) else { return };
