@@ -18,6 +18,7 @@
 //! Lab tests need root and `ip`; [`Lab::new`] returns `None` (and the test prints why it is
 //! skipped) when they are missing, except under CI (`CI=true`), where that is a failure.
 
+pub mod delay;
 pub mod pattern;
 pub mod proc;
 pub mod socks;
@@ -151,6 +152,8 @@ pub struct Lab {
     id: String,
     dir: PathBuf,
     procs: std::sync::Mutex<Vec<std::sync::Weak<proc::Inner>>>,
+    /// The delay lines, when [`Lab::add_delay`] added them.
+    delay: std::sync::Mutex<Option<Proc>>,
 }
 
 /// Why lab tests cannot run here, or `None` when they can.
@@ -190,7 +193,8 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{id}-lab"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let lab = Lab { id, dir, procs: std::sync::Mutex::new(Vec::new()) };
+        let lab =
+            Lab { id, dir, procs: std::sync::Mutex::new(Vec::new()), delay: std::sync::Mutex::new(None) };
         lab.build();
         Some(lab)
     }
@@ -311,6 +315,62 @@ impl Lab {
             "metric",
             &metric,
         ]);
+    }
+
+    /// Adds a one-way delay to each uplink, both ways (so Wi-Fi's round trip gains twice
+    /// `wifi`): a user-space delay line (`lab-delay`) on a TUN device in the router, which the
+    /// router's policy routing sends each uplink's traffic through. Blackhole cuts still win.
+    pub fn add_delay(&self, wifi: Duration, cell: Duration) {
+        let r = self.router();
+        let spec = |dev: &str, d: Duration| format!("{dev}={}ms", d.as_millis());
+        let p = self.spawn(
+            &r,
+            lab_delay_bin(),
+            &["--tun", &spec("dl-wifi", wifi), "--tun", &spec("dl-cell", cell)],
+        );
+        p.wait_for_line("ready", Duration::from_secs(20));
+        for key in ["all", "default"] {
+            sh(&r, &["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")]);
+        }
+        for (up, dev, table) in [(Uplink::Wifi, "dl-wifi", "101"), (Uplink::Cell, "dl-cell", "102")] {
+            sh(&r, &["sysctl", "-qw", &format!("net.ipv4.conf.{dev}.rp_filter=0")]);
+            let n = up.subnet();
+            for (family, client_net) in [("-4", format!("10.{n}.0.0/24")), ("-6", format!("fd0{n}::/64"))] {
+                ip(&["-n", &r, family, "route", "replace", "default", "dev", dev, "table", table]);
+                // Into the line: what the client sends up this uplink, and what the server
+                // sends to the client's address on it. Out of the line (iif dev), the main
+                // table forwards as before.
+                ip(&[
+                    "-n",
+                    &r,
+                    family,
+                    "rule",
+                    "add",
+                    "iif",
+                    up.router_if(),
+                    "lookup",
+                    table,
+                    "priority",
+                    "100",
+                ]);
+                ip(&[
+                    "-n",
+                    &r,
+                    family,
+                    "rule",
+                    "add",
+                    "iif",
+                    "srv-r",
+                    "to",
+                    &client_net,
+                    "lookup",
+                    table,
+                    "priority",
+                    "100",
+                ]);
+            }
+        }
+        *self.delay.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
     }
 
     /// Cuts an uplink.
@@ -473,6 +533,11 @@ pub fn sh(ns: &str, args: &[&str]) {
     }
 }
 
+/// The lab-delay binary of this package.
+pub fn lab_delay_bin() -> PathBuf {
+    workspace_bin("lab-delay")
+}
+
 /// The lab-server binary of this package.
 pub fn lab_server_bin() -> PathBuf {
     workspace_bin("lab-server")
@@ -506,10 +571,13 @@ fn built_dir() -> &'static Path {
 }
 
 fn build_workspace_bins() -> Result<PathBuf, String> {
-    // The test binary is target/<profile>/deps/<name>-<hash>.
+    // A test or bench is target/<profile>/deps/<name>-<hash>; a binary (the evaluation
+    // harness) is target/<profile>/<name>.
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir =
-        exe.parent().and_then(Path::parent).ok_or("unexpected test binary location")?.to_path_buf();
+    let mut profile_dir = exe.parent().ok_or("unexpected binary location")?.to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
+        profile_dir = profile_dir.parent().ok_or("unexpected binary location")?.to_path_buf();
+    }
     let target_dir = profile_dir.parent().ok_or("unexpected test binary location")?;
     let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");

@@ -103,3 +103,44 @@ fn labs_are_removed_on_drop() {
         assert!(!after.contains(n.as_str()), "{n} left behind");
     }
 }
+
+#[test]
+fn delay_lines_add_round_trip_time_both_ways() {
+    let Some(lab) = Lab::new("delay_lines_add_round_trip_time_both_ways") else { return };
+    let _servers = lab.start_servers();
+    // The TCP handshake takes one round trip; curl times it.
+    let handshake = |iface: &str| -> f64 {
+        let url = format!("http://{SERVER}:{HTTP_PORT}/ip");
+        let out = lab.run(
+            &lab.client(),
+            "curl",
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "10",
+                "--interface",
+                iface,
+                "-w",
+                "%{time_connect}",
+                &url,
+            ],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() * 1000.0
+    };
+    let before = (handshake("wifi0"), handshake("cell0"));
+    lab.add_delay(Duration::from_millis(20), Duration::from_millis(60));
+    let after = (handshake("wifi0"), handshake("cell0"));
+    eprintln!("handshake ms before {before:?}, after {after:?}");
+    // At least the added delay (both ways); generous above, for a loaded machine.
+    assert!(after.0 >= 40.0 && after.0 < 40.0 + 500.0, "wifi {after:?}");
+    assert!(after.1 >= 120.0 && after.1 < 120.0 + 500.0, "cell {after:?}");
+    // Traffic still flows, and uplinks can still be cut and restored through the delay.
+    assert_eq!(curl_ip(&lab, None).unwrap(), "10.1.0.2");
+    lab.cut(Uplink::Wifi, Cut::Blackhole);
+    assert!(curl_ip(&lab, Some("wifi0")).is_err());
+    lab.restore(Uplink::Wifi, Cut::Blackhole);
+    assert_eq!(curl_ip(&lab, Some("wifi0")).unwrap(), "10.1.0.2");
+}

@@ -39,14 +39,21 @@ struct Args {
     /// Serve files from this directory for other GET paths.
     #[arg(long = "static")]
     static_dir: Option<std::path::PathBuf>,
+    /// Listen with MPTCP sockets (plain TCP clients are still served).
+    #[arg(long)]
+    mptcp: bool,
 }
 
 static STATIC_DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-fn listen(addr: SocketAddr) -> TcpListener {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+/// IPPROTO_MPTCP.
+const MPTCP: i32 = 262;
+
+fn listen(addr: SocketAddr, mptcp: bool) -> TcpListener {
+    let protocol = mptcp.then(|| socket2::Protocol::from(MPTCP));
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, protocol)
         .expect("socket");
     if addr.is_ipv6() {
         socket.set_only_v6(false).expect("dual stack");
@@ -64,15 +71,15 @@ async fn main() {
     let _ = STATIC_DIR.set(args.static_dir.clone());
     let mut tasks = Vec::new();
     for addr in args.http {
-        let l = listen(addr);
+        let l = listen(addr, args.mptcp);
         tasks.push(tokio::spawn(serve(l, |s, peer| Box::pin(http(s, peer)))));
     }
     for addr in args.echo {
-        let l = listen(addr);
+        let l = listen(addr, args.mptcp);
         tasks.push(tokio::spawn(serve(l, |s, _| Box::pin(echo(s)))));
     }
     for addr in args.sink {
-        let l = listen(addr);
+        let l = listen(addr, args.mptcp);
         tasks.push(tokio::spawn(serve(l, |s, _| Box::pin(sink(s)))));
     }
     println!("ready");
