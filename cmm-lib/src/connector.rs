@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::net;
 use crate::target::Target;
+use crate::trickle::Trickler;
 
 /// Where traffic with some labels goes now.
 #[derive(Clone, Debug)]
@@ -170,12 +171,30 @@ pub struct Connector {
     policy: Arc<Policy>,
     connect_timeout: Duration,
     resolve_timeout: Duration,
+    trickler: Arc<Trickler>,
 }
 
 impl Connector {
     /// A connector choosing with `policy` from `scout`'s networks.
     pub fn new(scout: Scout, policy: Arc<Policy>, connect_timeout: Duration) -> Connector {
-        Connector { scout, policy, connect_timeout, resolve_timeout: Duration::from_secs(10) }
+        Connector {
+            scout,
+            policy,
+            connect_timeout,
+            resolve_timeout: Duration::from_secs(10),
+            trickler: Arc::new(Trickler::new()),
+        }
+    }
+
+    /// The trickler every connection of this connector shares: foreground activity, background
+    /// pacing and queueing per network.
+    pub fn trickler(&self) -> &Arc<Trickler> {
+        &self.trickler
+    }
+
+    /// The network on `interface` as the scout sees it now (its latest figures).
+    pub fn network(&self, interface: &str) -> Option<Network> {
+        self.scout.snapshot().by_interface(interface).cloned()
     }
 
     /// The scout it watches.
@@ -196,6 +215,11 @@ impl Connector {
     /// Where `labels` go now.
     pub fn route(&self, labels: Labels) -> Route {
         let snap = self.scout.snapshot();
+        let now = Instant::now();
+        // Our own queues count only when there are any: no copy of the networks otherwise.
+        if self.trickler.any_queueing(now) {
+            return route_in(&self.policy, labels, &self.trickler.with_queueing(&snap.networks, now));
+        }
         route_in(&self.policy, labels, &snap.networks)
     }
 

@@ -167,9 +167,16 @@ impl CmmSocket {
         cfg: SessionConfig,
     ) -> Arc<CmmSocket> {
         let policy = Arc::new(connector.policy().clone());
+        let mut session = Session::new(role, id, cfg, policy);
+        if role == Role::Connecting {
+            // Our own networks: paced together with the proxy's and every other multi-socket's
+            // traffic on them. An accepting session keys its paths by the peer's networks and
+            // keeps its own trickler.
+            session.set_trickler(connector.trickler().clone());
+        }
         Arc::new(CmmSocket {
             state: Mutex::new(State {
-                session: Session::new(role, id, cfg, policy),
+                session,
                 paths: HashMap::new(),
                 thunks: Thunks::default(),
                 armed: None,

@@ -14,6 +14,8 @@
 //!   deferred — the proxy's upstreams use it too.
 //! - [`connector`]: [`Connector`], the network choice and interface-bound connects under all of
 //!   the above; [`net`]: the socket calls; [`thunk`]: deferred operations; [`target`]: names.
+//! - [`trickle`]: [`Trickler`], background traffic paced while foreground traffic is active on
+//!   a network, and the queueing delays that choices by latency take into account.
 //!
 //! - [`ffi`]: the C ABI of `include/libcmm.h` (`libcmm.so`, `libcmm.a`).
 //!
@@ -31,6 +33,7 @@ pub mod plain;
 pub mod session;
 pub mod target;
 pub mod thunk;
+pub mod trickle;
 
 pub use cmm_policy::{Labels, Network, NetworkKind, Policy};
 pub use cmm_scout::{Scout, Snapshot};
@@ -41,3 +44,4 @@ pub use plain::{Deferred, Opening};
 pub use session::PathStats;
 pub use target::{Host, Target};
 pub use thunk::{Handler, Thunk};
+pub use trickle::{Direction, Grant, Trickler};

@@ -80,6 +80,66 @@ pub struct TcpStats {
     pub bytes_received: u64,
     /// Bytes sent and acknowledged so far.
     pub bytes_acked: u64,
+    /// The sender's smoothed RTT now (queueing on the way out included).
+    pub srtt: Option<Duration>,
+    /// The receiver's RTT estimate now (queueing on the way in included).
+    pub rcv_rtt: Option<Duration>,
+}
+
+impl TcpStats {
+    /// How much longer than its minimum a round trip takes now: the queue this connection
+    /// sees (and, mostly, builds) at the bottleneck.
+    pub fn queueing(&self) -> Option<Duration> {
+        let now = self.srtt.into_iter().chain(self.rcv_rtt).max()?;
+        Some(now.saturating_sub(self.min_rtt?))
+    }
+}
+
+/// The largest receive window a TCP socket advertises (TCP_WINDOW_CLAMP), in bytes.
+#[allow(unsafe_code)]
+pub fn window_clamp(socket: impl std::os::fd::AsFd) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a live descriptor (borrowed for the call) writes at most `len`
+    // bytes, the size of `value`, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            &mut value as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::try_from(value).unwrap_or(0))
+}
+
+/// Bounds the receive window a connected TCP socket advertises (TCP_WINDOW_CLAMP): the sender
+/// then never has more than `bytes` in flight. Can be raised again later; receive buffer
+/// autotuning stays on (unlike SO_RCVBUF).
+#[allow(unsafe_code)]
+pub fn set_window_clamp(socket: impl std::os::fd::AsFd, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt(2) on a live descriptor (borrowed for the call) reads exactly
+    // `size_of::<c_int>()` bytes from `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads TCP_INFO of a connected socket.
@@ -114,6 +174,8 @@ pub fn tcp_stats(stream: &TcpStream) -> Option<TcpStats> {
         delivery_rate: (!app_limited && info.tcpi_delivery_rate > 0).then_some(info.tcpi_delivery_rate * 8),
         bytes_received: info.tcpi_bytes_received,
         bytes_acked: info.tcpi_bytes_acked,
+        srtt: (info.tcpi_rtt != 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt))),
+        rcv_rtt: (info.tcpi_rcv_rtt != 0).then(|| Duration::from_micros(u64::from(info.tcpi_rcv_rtt))),
     })
 }
 
@@ -147,6 +209,8 @@ mod tests {
             delivery_rate: rate,
             bytes_received: received,
             bytes_acked: acked,
+            srtt: Some(Duration::from_millis(30)),
+            rcv_rtt: Some(Duration::from_millis(120)),
         }
     }
 
@@ -163,5 +227,26 @@ mod tests {
         // The first reading has nothing to compare with.
         let s = sample_between(None, &stats(1_000_000, 1_000_000, Some(9_000_000)), second);
         assert_eq!((s.rate_up, s.rate_down), (None, None));
+        // Queueing: the larger of the two current RTTs, above the minimum.
+        assert_eq!(stats(0, 0, None).queueing(), Some(Duration::from_millis(100)));
+    }
+}
+
+#[cfg(test)]
+mod clamp_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_window_clamp_can_be_lowered_and_raised_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, _server) = (client.unwrap(), accepted.unwrap().0);
+        let original = window_clamp(&client).unwrap();
+        set_window_clamp(&client, 65_536).unwrap();
+        assert_eq!(window_clamp(&client).unwrap(), 65_536);
+        set_window_clamp(&client, original).unwrap();
+        assert_eq!(window_clamp(&client).unwrap(), original);
+        eprintln!("original clamp {original}");
     }
 }

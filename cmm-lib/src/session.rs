@@ -14,6 +14,12 @@
 //! PATH_DOWN on another path so it fails over at once too. Data whose labels allow no
 //! remaining path waits — nothing is dropped — until such a path comes up.
 //!
+//! Background never delays foreground: while foreground chunks are sent or received on a path's
+//! network, background chunks there are paced by a [`Trickler`] below the network's bottleneck
+//! rate. (A foreground chunk queued behind them still waits: the stream is delivered in order,
+//! so sending it early would not deliver it sooner. Pacing protects foreground traffic of other
+//! connections on the network, and this one's foreground data sent on another path.)
+//!
 //! Driving it: after any call, write what [`Session::poll_transmit`] gives for each path, arm
 //! a timer for [`Session::poll_timeout`] and call [`Session::handle_timeout`] when it fires,
 //! and act on [`Session::poll_event`].
@@ -26,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use cmm_policy::{Decision, Figures, Labels, Network, Policy};
 
 use crate::frame::{self, Frame, FrameDecoder, FrameError, NetworkInfo, PathId, SessionId};
+use crate::trickle::{Direction, Trickler};
 
 /// DATA frames received on a path before an acknowledgement goes out at once.
 const ACK_EVERY: u32 = 8;
@@ -227,6 +234,8 @@ struct PathState {
     fin_sent: bool,
     bytes_sent: u64,
     bytes_received: u64,
+    /// Background chunks wait for the trickler until then.
+    paced_until: Option<Instant>,
 }
 
 impl PathState {
@@ -249,6 +258,7 @@ impl PathState {
             fin_sent: false,
             bytes_sent: 0,
             bytes_received: 0,
+            paced_until: None,
         }
     }
 
@@ -322,6 +332,7 @@ pub struct Session {
     last_window_update: u64,
     peer_fin: Option<u64>,
     closed: Option<String>,
+    trickler: Arc<Trickler>,
 }
 
 impl Session {
@@ -354,7 +365,15 @@ impl Session {
             last_window_update: 0,
             peer_fin: None,
             closed: None,
+            trickler: Arc::new(Trickler::new()),
         }
+    }
+
+    /// Paces background chunks with `trickler` (shared with the rest of the process, so
+    /// foreground traffic anywhere on a network slows background traffic there); by default
+    /// the session has its own.
+    pub fn set_trickler(&mut self, trickler: Arc<Trickler>) {
+        self.trickler = trickler;
     }
 
     /// The session's name.
@@ -822,6 +841,9 @@ impl Session {
             return Err(SessionError::Protocol(format!("DATA up to {end} is beyond the FIN at {fin}")));
         }
         if let Some(p) = self.paths.get_mut(&id) {
+            if !labels.contains(Labels::BACKGROUND) {
+                self.trickler.foreground(&p.network.interface, now);
+            }
             p.bytes_received += data.len() as u64;
             p.data_since_ack += 1;
             // Every few chunks at once; otherwise within `ack_delay`: enough acknowledgements
@@ -1010,8 +1032,14 @@ impl Session {
         if !p.usable() || self.closed.is_some() {
             return false;
         }
-        p.queue.front().is_some_and(|c| c.end() <= self.peer_window || !self.unacked.contains_key(&c.offset))
-            || (self.fin.is_some() && !self.fin_acked && !p.fin_sent)
+        let Some(front) = p.queue.front() else {
+            return self.fin.is_some() && !self.fin_acked && !p.fin_sent;
+        };
+        if !self.unacked.contains_key(&front.offset) {
+            return true;
+        }
+        front.end() <= self.peer_window
+            && (p.paced_until.is_none() || !front.labels.contains(Labels::BACKGROUND))
     }
 
     /// The next bytes to write on path `id`, or `None` when it has nothing to send now.
@@ -1032,15 +1060,27 @@ impl Session {
         if !p.usable() || self.closed.is_some() {
             return None;
         }
-        while let Some(c) = p.queue.front() {
-            if !self.unacked.contains_key(&c.offset) {
-                p.queue.pop_front();
-                continue;
-            }
-            if c.end() > self.peer_window {
+        while p.queue.front().is_some_and(|c| !self.unacked.contains_key(&c.offset)) {
+            p.queue.pop_front();
+        }
+        if let Some(front) = p.queue.front() {
+            if front.end() > self.peer_window {
                 return None;
             }
+            if front.labels.contains(Labels::BACKGROUND) {
+                let wait = match p.paced_until {
+                    Some(t) if t > now => Some(t - now),
+                    _ => self.trickler.background_whole(&p.network, Direction::Up, front.data.len(), now),
+                };
+                p.paced_until = wait.map(|w| now + w);
+                if p.paced_until.is_some() {
+                    return None;
+                }
+            }
             let c = p.queue.pop_front()?;
+            if !c.labels.contains(Labels::BACKGROUND) {
+                self.trickler.foreground(&p.network.interface, now);
+            }
             let header = frame::encode_data_header(c.offset, c.labels, c.data.len());
             let payload = c.data.clone();
             if p.inflight.is_empty() {
@@ -1070,6 +1110,9 @@ impl Session {
             if let Some(t) = p.ack_due {
                 at(t);
             }
+            if let Some(t) = p.paced_until {
+                at(t);
+            }
             if !p.established {
                 continue;
             }
@@ -1091,6 +1134,9 @@ impl Session {
         for (&id, p) in self.paths.iter_mut() {
             if p.ack_due.is_some_and(|t| t <= now) {
                 p.ack_now = true;
+            }
+            if p.paced_until.is_some_and(|t| t <= now) {
+                p.paced_until = None;
             }
             if !p.established {
                 continue;

@@ -151,7 +151,7 @@ impl Metric {
 
     fn compare(self, a: &Network, b: &Network) -> Ordering {
         match self {
-            Metric::LowestRtt => a.rtt().cmp(&b.rtt()),
+            Metric::LowestRtt => a.latency().cmp(&b.latency()),
             Metric::HighestBandwidth => {
                 b.bandwidth_down().cmp(&a.bandwidth_down()).then(b.bandwidth_up().cmp(&a.bandwidth_up()))
             }
@@ -343,6 +343,20 @@ mod tests {
         assert_eq!(first(&p.choose(Labels::BACKGROUND, &nets)), 0);
         assert_eq!(first(&p.choose("ondemand+large".parse().unwrap(), &nets)), 0);
         assert_eq!(first(&p.choose("background+small".parse().unwrap(), &nets)), 1);
+    }
+
+    #[test]
+    fn a_queue_of_our_own_traffic_sends_ondemand_to_an_idle_network() {
+        let p = Policy::default();
+        let mut nets = lab();
+        // 40 ms + 100 ms of queue is slower for a request than cellular's idle 120 ms.
+        nets[0].queueing = Duration::from_millis(100);
+        assert_eq!(first(&p.choose(Labels::ONDEMAND, &nets)), 1);
+        // A shorter queue keeps Wi-Fi, and bandwidth choices ignore queues.
+        nets[0].queueing = Duration::from_millis(60);
+        assert_eq!(first(&p.choose(Labels::ONDEMAND, &nets)), 0);
+        nets[0].queueing = Duration::from_millis(500);
+        assert_eq!(first(&p.choose(Labels::BACKGROUND, &nets)), 0);
     }
 
     #[test]

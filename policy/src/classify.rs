@@ -6,7 +6,7 @@
 //! scout's business, not this module's.
 
 use crate::glob::Glob;
-use crate::network::{Figures, Network, NetworkKind};
+use crate::network::{Figures, Network, NetworkKind, Trickle};
 
 /// A `[[network]]` entry.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +23,8 @@ pub struct NetworkDef {
     pub metered: bool,
     /// Whether the scout's measurements replace the declared figures.
     pub use_estimates: bool,
+    /// How background traffic is paced on it.
+    pub trickle: Trickle,
     /// Preference rank (its position in the file).
     pub rank: u32,
 }
@@ -57,6 +59,7 @@ impl Classifier {
             n.declared = def.declared;
             n.metered = def.metered;
             n.use_estimates = def.use_estimates;
+            n.trickle = def.trickle;
             n.rank = def.rank;
             return Some(n);
         }
@@ -92,6 +95,7 @@ mod tests {
                 declared: Figures::default(),
                 metered: false,
                 use_estimates: true,
+                trickle: Trickle::default(),
                 rank: 0,
             }],
             true,

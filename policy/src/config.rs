@@ -21,7 +21,7 @@ use crate::choose::{LabelPolicy, NetworkRef, NoMatch, Policy};
 use crate::classify::{Classifier, NetworkDef};
 use crate::glob::Glob;
 use crate::labels::Labels;
-use crate::network::{Figures, NetworkKind};
+use crate::network::{Figures, NetworkKind, Trickle};
 use crate::rules::{PortRange, Rule, RuleSet};
 use crate::units::{ConfigDuration, ConfigRate, ConfigSize};
 
@@ -351,6 +351,9 @@ struct RawNetwork {
     rtt: Option<ConfigDuration>,
     metered: Option<bool>,
     use_estimates: Option<bool>,
+    trickle: Option<bool>,
+    trickle_fraction: Option<Spanned<f64>>,
+    trickle_idle: Option<ConfigDuration>,
 }
 
 #[derive(Deserialize)]
@@ -619,6 +622,20 @@ impl Raw {
                 );
             }
             let kind = n.kind.unwrap_or_else(|| NetworkKind::guess(iface));
+            let mut trickle = Trickle::default();
+            if let Some(on) = n.trickle {
+                trickle.enabled = on;
+            }
+            if let Some(f) = n.trickle_fraction {
+                let v = *f.get_ref();
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(src.error(f.span(), format!("trickle_fraction {v} is not in (0, 1]")));
+                }
+                trickle.fraction = v;
+            }
+            if let Some(idle) = n.trickle_idle {
+                trickle.idle = idle.0;
+            }
             config.networks.push(NetworkDef {
                 name: n.name.into_inner(),
                 interface: Glob::new(iface),
@@ -630,6 +647,7 @@ impl Raw {
                 },
                 metered: n.metered.unwrap_or(kind == NetworkKind::Cellular),
                 use_estimates: n.use_estimates.unwrap_or(true),
+                trickle,
                 rank: rank as u32,
             });
         }
@@ -842,6 +860,24 @@ labels = 0x10
         assert_eq!(c.scout.probe_interval, Duration::from_secs(10));
         let e = err("[scout]\nprobe = \"nohost\"\n");
         assert_eq!(e.line(), 2);
+    }
+
+    #[test]
+    fn trickle_keys() {
+        let net = "[[network]]\nname = \"wifi\"\ninterface = \"wl*\"\n";
+        let c = Config::parse(&format!("{net}trickle_fraction = 0.5\ntrickle_idle = \"2s\"\n"), "t").unwrap();
+        let t = c.networks[0].trickle;
+        assert_eq!((t.enabled, t.fraction, t.idle), (true, 0.5, Duration::from_secs(2)));
+        let c = Config::parse(&format!("{net}trickle = false\n"), "t").unwrap();
+        assert!(!c.networks[0].trickle.enabled);
+        assert_eq!(Config::parse(net, "t").unwrap().networks[0].trickle, cmm_policy_trickle_default());
+        let e = err(&format!("{net}trickle_fraction = 1.5\n"));
+        assert_eq!(e.line(), 4, "{e}");
+        assert!(e.to_string().contains("trickle_fraction"), "{e}");
+    }
+
+    fn cmm_policy_trickle_default() -> Trickle {
+        Trickle { enabled: true, fraction: 0.9, idle: Duration::from_secs(5) }
     }
 
     #[test]

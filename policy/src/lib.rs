@@ -29,5 +29,5 @@ pub use classify::{Classifier, NetworkDef};
 pub use config::{Config, ConfigError};
 pub use glob::Glob;
 pub use labels::{LabelError, Labels};
-pub use network::{Figures, Network, NetworkKind};
+pub use network::{Figures, Network, NetworkKind, Trickle};
 pub use rules::{Destination, PortRange, Rule, RuleSet};

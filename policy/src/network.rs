@@ -78,6 +78,26 @@ impl FromStr for NetworkKind {
     }
 }
 
+/// How background traffic is trickled on a network while foreground traffic is active there:
+/// kept to `fraction` of the network's bandwidth, until no foreground traffic has been seen for
+/// `idle` (libcmm's rule, with its 5 s).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trickle {
+    /// Whether background traffic is paced at all.
+    pub enabled: bool,
+    /// The share of the bottleneck background may use while foreground is active (0–1].
+    pub fraction: f64,
+    /// How long after the last foreground traffic pacing goes on.
+    #[serde(with = "duration_ms")]
+    pub idle: Duration,
+}
+
+impl Default for Trickle {
+    fn default() -> Trickle {
+        Trickle { enabled: true, fraction: 0.9, idle: Duration::from_secs(5) }
+    }
+}
+
 /// Bandwidth and latency of a network: each figure is optional, and a missing one falls back to
 /// the other source or to the kind's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +151,13 @@ pub struct Network {
     pub use_estimates: bool,
     /// Whether traffic on it costs money (policies may keep background traffic off it).
     pub metered: bool,
+    /// How background traffic is paced on it while foreground traffic is active.
+    #[serde(default)]
+    pub trickle: Trickle,
+    /// The queueing delay this machine's own traffic causes on it now (measured from its
+    /// connections); a request choosing by latency adds it to the RTT.
+    #[serde(default, skip_serializing_if = "Duration::is_zero", with = "duration_ms")]
+    pub queueing: Duration,
     /// Preference rank: lower is preferred when everything else is equal.
     pub rank: u32,
 }
@@ -150,6 +177,8 @@ impl Network {
             estimated: Figures::default(),
             use_estimates: true,
             metered: false,
+            trickle: Trickle::default(),
+            queueing: Duration::ZERO,
             rank: 0,
         }
     }
@@ -180,10 +209,33 @@ impl Network {
     pub fn rtt(&self) -> Duration {
         self.figures().2
     }
+
+    /// How long a small request waits on it now: the RTT plus the queue our own traffic keeps
+    /// there.
+    pub fn latency(&self) -> Duration {
+        self.rtt() + self.queueing
+    }
 }
 
 fn yes() -> bool {
     true
+}
+
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        if !ms.is_finite() || ms < 0.0 {
+            return Err(serde::de::Error::custom("a duration must be a finite number of milliseconds"));
+        }
+        Ok(Duration::from_secs_f64(ms / 1000.0))
+    }
 }
 
 mod opt_duration_ms {

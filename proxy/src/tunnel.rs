@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::log::ConnLog;
-use crate::splice::{self, Counts, TransferError};
+use crate::splice::{self, Counts, Pace, TransferError};
 use crate::upstream::{OpenState, UpstreamConn, UpstreamIo};
 
 /// Runs a tunnel to its end; returns the outcome for the log line.
@@ -68,11 +68,9 @@ pub async fn run(
     relay(client, held, conn, log).await
 }
 
-/// How often a long transfer's upstream TCP_INFO is reported for its network's estimates.
-const MEASURE_EVERY: Duration = Duration::from_secs(5);
-
 async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut ConnLog) -> String {
-    let UpstreamConn { io, lost, measure, .. } = conn;
+    let UpstreamConn { io, lost, path, .. } = conn;
+    let pace: Option<&dyn Pace> = path.as_deref().map(|p| p as &dyn Pace);
     let mut counts = Counts::default();
     let mut client = client;
     let result = match io {
@@ -83,15 +81,15 @@ async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut 
             counts.up = held.len() as u64;
             let mut last = (Instant::now(), cmm::net::tcp_stats(&upstream));
             let mut report = |upstream: &TcpStream| {
-                if let (Some(m), Some(now)) = (&measure, cmm::net::tcp_stats(upstream)) {
-                    m(cmm::net::sample_between(last.1.as_ref(), &now, last.0.elapsed()));
+                if let (Some(p), Some(now)) = (&path, cmm::net::tcp_stats(upstream)) {
+                    p.report(last.1.as_ref(), &now, last.0.elapsed());
                     last = (Instant::now(), Some(now));
                 }
             };
-            let transfer = splice::splice_bidirectional(&client, &upstream, &mut counts);
+            let transfer = splice::splice_bidirectional(&client, &upstream, &mut counts, pace);
             tokio::pin!(transfer, lost);
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + MEASURE_EVERY, MEASURE_EVERY);
+            let every = path.as_ref().map_or(Duration::from_secs(3600), |p| p.report_every());
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             let r = loop {
                 tokio::select! {
                     r = &mut transfer => break Ok(r),
@@ -108,7 +106,7 @@ async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut 
             }
             counts.up = held.len() as u64;
             tokio::select! {
-                r = splice::copy_bidirectional(&mut client, &mut upstream, &mut counts) => Ok(r),
+                r = splice::copy_bidirectional(&mut client, &mut upstream, &mut counts, pace) => Ok(r),
                 why = lost => Err(why),
             }
         }

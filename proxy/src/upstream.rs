@@ -11,9 +11,13 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use cmm::{ConnectError, Connected, Connector, Opening, Target};
+use cmm::net::TcpStats;
+use cmm::{ConnectError, Connected, Connector, Direction, Grant, Opening, Target};
+use socket2::SockRef;
+
+use crate::splice::Pace;
 use cmm_policy::{Destination, Labels, RuleSet};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -73,12 +77,100 @@ pub struct UpstreamConn {
     pub local: Option<SocketAddr>,
     /// Resolves, with a reason, when the path is lost (its network went down).
     pub lost: BoxFuture<'static, String>,
-    /// Takes measurements of the connection for its network's estimates, if it has one.
-    pub measure: Option<Measure>,
+    /// The network under it, when it has one: pacing, and measurements for the scout.
+    pub path: Option<Arc<NetworkPath>>,
 }
 
-/// Where measurements of an upstream connection go (the scout, for its network).
-pub type Measure = Arc<dyn Fn(cmm_scout::ipc::Sample) + Send + Sync>;
+/// Unsent bytes a background upstream socket may hold: enough to keep the link busy, little
+/// enough that a foreground request arriving later is not stuck behind seconds of backlog.
+const BACKGROUND_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// The network under an upstream connection, as its byte path sees it. Foreground traffic
+/// marks the network busy; background traffic is paced there meanwhile (the connector's
+/// [`cmm::Trickler`]). Now and then the connection's TCP_INFO feeds the scout's estimates and,
+/// for background connections, the queueing delay that choices by latency take into account.
+pub struct NetworkPath {
+    connector: Connector,
+    interface: String,
+    background: bool,
+}
+
+impl NetworkPath {
+    /// The path of a connection with `labels` on `interface`.
+    pub fn new(connector: Connector, interface: String, labels: Labels) -> NetworkPath {
+        NetworkPath { connector, interface, background: labels.contains(Labels::BACKGROUND) }
+    }
+
+    /// Whether the connection is background traffic.
+    pub fn background(&self) -> bool {
+        self.background
+    }
+
+    /// How often to read the connection's TCP_INFO: background queues matter quickly.
+    pub fn report_every(&self) -> Duration {
+        if self.background { Duration::from_secs(1) } else { Duration::from_secs(5) }
+    }
+
+    /// Reports what the connection saw between two readings `elapsed` apart. Rates measured
+    /// while it was paced say nothing about the network and are left out.
+    pub fn report(&self, before: Option<&TcpStats>, now: &TcpStats, elapsed: Duration) {
+        let mut sample = cmm::net::sample_between(before, now, elapsed);
+        let at = Instant::now();
+        if self.background {
+            let snap = self.connector.scout().snapshot();
+            if snap.by_interface(&self.interface).is_some_and(|n| self.connector.trickler().pacing(n, at)) {
+                sample.rate_up = None;
+                sample.rate_down = None;
+            }
+            if let Some(q) = now.queueing() {
+                self.connector.trickler().queueing_seen(&self.interface, q, at);
+            }
+        }
+        self.connector.scout().report(&self.interface, sample);
+    }
+}
+
+impl Pace for NetworkPath {
+    fn allow(&self, dir: Direction, want: usize) -> Result<usize, Duration> {
+        let now = Instant::now();
+        let trickler = self.connector.trickler();
+        if !self.background {
+            trickler.foreground(&self.interface, now);
+            return Ok(want);
+        }
+        let snap = self.connector.scout().snapshot();
+        let Some(network) = snap.by_interface(&self.interface) else { return Ok(want) };
+        match trickler.background(network, dir, want, now) {
+            Grant::Unlimited => Ok(want),
+            Grant::Bytes(n) => Ok(n),
+            Grant::Wait(d) => Err(d),
+        }
+    }
+
+    fn moved(&self, dir: Direction, allowed: usize, moved: usize) {
+        if !self.background {
+            if moved > 0 {
+                self.connector.trickler().foreground(&self.interface, Instant::now());
+            }
+            return;
+        }
+        if moved < allowed {
+            let snap = self.connector.scout().snapshot();
+            if let Some(network) = snap.by_interface(&self.interface) {
+                self.connector.trickler().unused(network, dir, allowed - moved);
+            }
+        }
+    }
+
+    fn receive_window(&self, dir: Direction) -> Option<u32> {
+        if !self.background || dir != Direction::Down {
+            return None;
+        }
+        let snap = self.connector.scout().snapshot();
+        let network = snap.by_interface(&self.interface)?;
+        self.connector.trickler().receive_window(network, Instant::now())
+    }
+}
 
 /// A connection waiting for a network.
 pub trait DeferredConn: Send {
@@ -154,13 +246,18 @@ impl DirectUpstream {
 }
 
 /// An upstream connection from a connected socket; `lost` follows its network in the scout.
-fn upstream_conn(connector: &Connector, c: Connected) -> UpstreamConn {
+fn upstream_conn(connector: &Connector, c: Connected, labels: Labels) -> UpstreamConn {
     let local = c.stream.local_addr().ok();
     let network = c.network.as_ref().map(|n| n.interface.clone());
-    let measure: Option<Measure> = c.network.as_ref().map(|n| {
-        let scout = connector.scout().clone();
-        let iface = n.interface.clone();
-        Arc::new(move |sample| scout.report(&iface, sample)) as Measure
+    let path = c.network.as_ref().map(|n| {
+        let path = NetworkPath::new(connector.clone(), n.interface.clone(), labels);
+        if path.background() {
+            let _ = SockRef::from(&c.stream).set_tcp_notsent_lowat(BACKGROUND_NOTSENT_LOWAT);
+        } else {
+            // A foreground connection marks its network busy from its first moment.
+            connector.trickler().foreground(&n.interface, Instant::now());
+        }
+        Arc::new(path)
     });
     let lost: BoxFuture<'static, String> = match c.network {
         Some(n) => {
@@ -178,12 +275,13 @@ fn upstream_conn(connector: &Connector, c: Connected) -> UpstreamConn {
         }
         None => Box::pin(futures::future::pending()),
     };
-    UpstreamConn { io: UpstreamIo::Tcp(c.stream), network, local, lost, measure }
+    UpstreamConn { io: UpstreamIo::Tcp(c.stream), network, local, lost, path }
 }
 
 struct DeferredDirect {
     inner: cmm::Deferred,
     connector: Connector,
+    labels: Labels,
 }
 
 impl DeferredConn for DeferredDirect {
@@ -198,7 +296,7 @@ impl DeferredConn for DeferredDirect {
     fn complete(self: Box<Self>) -> BoxFuture<'static, Result<UpstreamConn, ConnectError>> {
         Box::pin(async move {
             let connected = self.inner.complete().await?;
-            Ok(upstream_conn(&self.connector, connected))
+            Ok(upstream_conn(&self.connector, connected, self.labels))
         })
     }
 }
@@ -212,7 +310,8 @@ impl Upstream for DirectUpstream {
             let (labels, source) = self.labels_for(req, addrs.as_deref().unwrap_or(&[]));
             match cmm::plain::open(&self.connector, &req.target, addrs, labels).await {
                 Ok(Opening::Ready(c)) => {
-                    Ok(Opened { labels, source, state: OpenState::Ready(upstream_conn(&self.connector, c)) })
+                    let conn = upstream_conn(&self.connector, c, labels);
+                    Ok(Opened { labels, source, state: OpenState::Ready(conn) })
                 }
                 Ok(Opening::Deferred(d)) => Ok(Opened {
                     labels,
@@ -220,6 +319,7 @@ impl Upstream for DirectUpstream {
                     state: OpenState::Deferred(Box::new(DeferredDirect {
                         inner: d,
                         connector: self.connector.clone(),
+                        labels,
                     })),
                 }),
                 Err(error) => Err(OpenError { labels: Some((labels, source)), error }),

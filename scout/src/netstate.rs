@@ -199,6 +199,7 @@ mod tests {
                 declared: Figures::default(),
                 metered: false,
                 use_estimates: true,
+                trickle: Default::default(),
                 rank: 0,
             }],
             true,

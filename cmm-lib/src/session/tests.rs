@@ -733,3 +733,71 @@ fn vanished_path_revived_after_another_was_removed() {
         Op::Send(1, 0),
     ]);
 }
+
+/// Wi-Fi whose declared upload rate (8 Mbit/s) is below the simulated link's, so pacing shows.
+fn slow_declared_wifi() -> Network {
+    let mut n = wifi();
+    n.declared.bandwidth_up = Some(8_000_000);
+    n
+}
+
+/// Sends `len` background bytes; returns how long until the peer has them all. Then shuts
+/// down: paced data never holds up the end of the stream.
+fn background_transfer(sim: &mut Sim, len: usize) -> Duration {
+    let data = payload(len, 7);
+    let t0 = sim.now;
+    sim.send_all(&data, Labels::BACKGROUND, Duration::from_secs(30));
+    sim.run_until(Duration::from_secs(30), |s| s.got.len() == data.len());
+    let took = sim.now - t0;
+    assert_eq!(sim.got, data);
+    sim.a.shutdown();
+    sim.run_until(Duration::from_secs(30), |s| s.b_eof && s.a.all_acked());
+    took
+}
+
+#[test]
+fn background_is_paced_only_while_foreground_is_active_on_its_network() {
+    // No foreground traffic: full speed (2 MB at 6.25 MB/s).
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, slow_declared_wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    let fast = background_transfer(&mut sim, 2_000_000);
+    assert!(fast < Duration::from_millis(700), "{fast:?}");
+
+    // Foreground traffic on the network (another connection's, through the shared trickler):
+    // background is kept to 0.9 of the declared 1 MB/s.
+    let mut sim = Sim::new(policy());
+    let trickler = Arc::new(Trickler::new());
+    sim.a.set_trickler(trickler.clone());
+    sim.add_path(1, slow_declared_wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    trickler.foreground("wifi0", sim.now);
+    let paced = background_transfer(&mut sim, 2_000_000);
+    let expected = 2_000_000.0 / 900_000.0;
+    assert!(
+        (paced.as_secs_f64() - expected).abs() < 0.15 * expected,
+        "2 MB took {paced:?}, expected about {expected:.2} s"
+    );
+}
+
+#[test]
+fn foreground_chunks_sent_or_received_start_pacing_on_both_sides() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, slow_declared_wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    let b_network = |sim: &Sim| sim.b.paths[&1].network.clone();
+    assert!(!sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
+    assert!(!sim.b.trickler.pacing(&b_network(&sim), sim.now));
+    sim.send_all(b"a person is waiting", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(1), |s| s.got.len() == 19);
+    assert!(sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
+    assert!(sim.b.trickler.pacing(&b_network(&sim), sim.now));
+    // Background bytes do not.
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, slow_declared_wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::NONE).is_some());
+    sim.send_all(b"sync", Labels::BACKGROUND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(1), |s| s.got.len() == 4);
+    assert!(!sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
+    assert!(!sim.b.trickler.pacing(&b_network(&sim), sim.now));
+}
