@@ -218,7 +218,15 @@ impl Connector {
         let now = Instant::now();
         // Our own queues count only when there are any: no copy of the networks otherwise.
         if self.trickler.any_queueing(now) {
-            return route_in(&self.policy, labels, &self.trickler.with_queueing(&snap.networks, now));
+            let networks = self.trickler.with_queueing(&snap.networks, now);
+            if !labels.contains(Labels::BACKGROUND) {
+                // Foreground traffic avoids a queue of our own background traffic this time,
+                // and starts the pacing that empties it for the next request.
+                for n in networks.iter().filter(|n| !n.queueing.is_zero() && n.trickle.enabled) {
+                    self.trickler.foreground(&n.interface, now);
+                }
+            }
+            return route_in(&self.policy, labels, &networks);
         }
         route_in(&self.policy, labels, &snap.networks)
     }
@@ -336,6 +344,35 @@ mod tests {
         let err = c.connect_via(&[addr], &[]).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Refused);
         assert!(err.to_string().contains(&addr.to_string()));
+    }
+
+    #[tokio::test]
+    async fn foreground_avoids_our_own_queue_once_and_starts_draining_it() {
+        let net = |name: &str, kind, mbit: u64, rtt_ms: u64| {
+            let mut n = Network::new(name, &format!("{name}0"), kind);
+            n.declared.bandwidth_down = Some(mbit * 1_000_000);
+            n.declared.bandwidth_up = Some(mbit * 1_000_000);
+            n.declared.rtt = Some(Duration::from_millis(rtt_ms));
+            n
+        };
+        let wifi = net("wifi", NetworkKind::Wifi, 50, 40);
+        let cell = net("cell", NetworkKind::Cellular, 2, 120);
+        let c = Connector::new(Scout::manual(vec![wifi.clone(), cell]), policy(), Duration::from_secs(1));
+        let first = |r: Route| match r {
+            Route::Networks { networks, .. } => networks[0].interface.clone(),
+            other => panic!("expected networks, got {other:?}"),
+        };
+        assert_eq!(first(c.route(Labels::ONDEMAND)), "wifi0");
+        // Our background downloads fill Wi-Fi's queue: 40 + 100 ms is slower than 120 ms.
+        c.trickler().queueing_seen("wifi0", Duration::from_millis(100), Instant::now());
+        assert_eq!(first(c.route(Labels::BACKGROUND)), "wifi0");
+        assert!(!c.trickler().pacing(&wifi, Instant::now()), "background choices pace nothing");
+        assert_eq!(first(c.route(Labels::ONDEMAND)), "cell0");
+        // ... and Wi-Fi's background traffic is paced from now on, which empties the queue
+        // (paced connections report none), so the next request has Wi-Fi again.
+        assert!(c.trickler().pacing(&wifi, Instant::now()));
+        c.trickler().queueing_seen("wifi0", Duration::ZERO, Instant::now());
+        assert_eq!(first(c.route(Labels::ONDEMAND)), "wifi0");
     }
 
     #[tokio::test]

@@ -118,11 +118,16 @@ impl NetworkPath {
         let at = Instant::now();
         if self.background {
             let snap = self.connector.scout().snapshot();
-            if snap.by_interface(&self.interface).is_some_and(|n| self.connector.trickler().pacing(n, at)) {
+            let paced =
+                snap.by_interface(&self.interface).is_some_and(|n| self.connector.trickler().pacing(n, at));
+            if paced {
                 sample.rate_up = None;
                 sample.rate_down = None;
             }
-            if let Some(q) = now.queueing() {
+            // Paced, the queue stays empty by design, and the receiver's RTT estimate measures
+            // our slow reads rather than the path.
+            let queueing = if paced { Some(Duration::ZERO) } else { now.queueing() };
+            if let Some(q) = queueing {
                 self.connector.trickler().queueing_seen(&self.interface, q, at);
             }
         }
