@@ -116,33 +116,37 @@ pub const ECHO_PORT: u16 = 7007;
 /// TCP sink port: reads to end of stream, then answers `<bytes> <sha256>\n` and closes.
 pub const SINK_PORT: u16 = 9000;
 
-/// The lab's two uplinks declared as networks: Wi-Fi fast but far (a busy hotspot), cellular
-/// slow but near, and metered (its kind's default). So ONDEMAND (lowest RTT) takes cell and
-/// BACKGROUND (highest bandwidth) takes Wi-Fi. The lab's veths have no delay, so measured RTTs
-/// would be near zero on both: the declared figures stand (`use_estimates = false`).
-pub const NETWORKS: &str = r#"
+/// The lab's uplinks as `[[network]]` tables: bandwidths as shaped, the RTTs given, `extra`
+/// lines in both tables and `cell_extra` in cellular's.
+pub fn networks(wifi_rtt: &str, cell_rtt: &str, extra: &str, cell_extra: &str) -> String {
+    format!(
+        r#"
 [[network]]
 name = "wifi"
 interface = "wifi0"
 kind = "wifi"
 bandwidth_down = "50mbit"
 bandwidth_up = "50mbit"
-rtt = "80ms"
-use_estimates = false
-
+rtt = "{wifi_rtt}"
+{extra}
 [[network]]
 name = "cell"
 interface = "cell0"
 kind = "cellular"
 bandwidth_down = "2mbit"
 bandwidth_up = "2mbit"
-rtt = "30ms"
-use_estimates = false
-"#;
+rtt = "{cell_rtt}"
+{extra}{cell_extra}"#
+    )
+}
 
-/// A config of `settings` (top-level keys first, then tables) and the lab's [`NETWORKS`].
+/// A config of `settings` (top-level keys first, then tables) and the lab's two uplinks: Wi-Fi
+/// fast but far (a busy hotspot, 80 ms), cellular slow but near (30 ms), and metered (its
+/// kind's default). So ONDEMAND (lowest RTT) takes cell and BACKGROUND (highest bandwidth)
+/// takes Wi-Fi. The lab's veths have no delay, so measured RTTs would be near zero on both: the
+/// declared figures stand (`use_estimates = false`).
 pub fn config(settings: &str) -> String {
-    format!("{settings}\n{NETWORKS}")
+    format!("{settings}\n{}", networks("80ms", "30ms", "use_estimates = false\n", ""))
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

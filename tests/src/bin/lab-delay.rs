@@ -6,13 +6,12 @@
 //! and rules that send traffic through the devices are the lab's business
 //! ([`cmm_lab::Lab::add_delay`]). Prints `ready` once the devices exist.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use clap::Parser;
 use cmm_lab::delay::DelayLine;
-use tokio::sync::Notify;
 use tokio_tun::Tun;
 
 #[derive(Parser)]
@@ -57,28 +56,22 @@ async fn main() {
     }
 }
 
+/// A delay line's queue, shared by the reader (a tokio task) and the writer (a thread).
+struct Shared {
+    line: Mutex<DelayLine>,
+    arrived: Condvar,
+}
+
 async fn run(tun: Arc<Tun>, delay: Duration) {
-    let line = Arc::new(Mutex::new(DelayLine::new(delay, MAX_PACKETS)));
-    let arrived = Arc::new(Notify::new());
-    let writer = {
-        let (tun, line, arrived) = (tun.clone(), line.clone(), arrived.clone());
-        tokio::spawn(async move {
-            loop {
-                let (packet, next) = {
-                    let mut l = line.lock().unwrap_or_else(|e| e.into_inner());
-                    (l.pop_due(Instant::now()), l.next_due())
-                };
-                match (packet, next) {
-                    (Some(p), _) => {
-                        let _ = tun.send(&p).await;
-                    }
-                    (None, Some(due)) => tokio::time::sleep_until(due.into()).await,
-                    (None, None) => arrived.notified().await,
-                }
-            }
-        })
-    };
-    // Packets are at most the MTU; a copy of each into a shared region keeps allocation rare.
+    let shared =
+        Arc::new(Shared { line: Mutex::new(DelayLine::new(delay, MAX_PACKETS)), arrived: Condvar::new() });
+    {
+        let (tun, shared) = (tun.clone(), shared.clone());
+        // A thread of its own: the kernel's timers wake it within tens of microseconds of a
+        // packet's due time, where tokio's timer wheel rounds up to the next millisecond (a
+        // millisecond more on every packet of a 20 ms line).
+        std::thread::spawn(move || write_when_due(&tun, &shared));
+    }
     let mut buf = vec![0u8; 65_536];
     let mut region = BytesMut::with_capacity(1 << 20);
     loop {
@@ -89,14 +82,39 @@ async fn run(tun: Arc<Tun>, delay: Duration) {
                 }
                 region.extend_from_slice(&buf[..n]);
                 let packet = region.split().freeze();
-                line.lock().unwrap_or_else(|e| e.into_inner()).push(packet, Instant::now());
-                arrived.notify_one();
+                shared.line.lock().unwrap_or_else(|e| e.into_inner()).push(packet, Instant::now());
+                shared.arrived.notify_one();
             }
             Err(e) => {
                 eprintln!("lab-delay: {}: {e}", tun.name());
-                break;
+                std::process::exit(1);
             }
         }
     }
-    writer.abort();
+}
+
+/// Writes each packet back to the TUN device when it is due.
+fn write_when_due(tun: &Tun, shared: &Shared) {
+    let mut line = shared.line.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let now = Instant::now();
+        if let Some(packet) = line.pop_due(now) {
+            drop(line);
+            // A TUN write does not block unless the kernel is out of memory; then the packet
+            // is lost, as on a real link.
+            let _ = tun.try_send(&packet);
+            line = shared.line.lock().unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        line = match line.next_due() {
+            Some(due) => {
+                shared
+                    .arrived
+                    .wait_timeout(line, due.saturating_duration_since(now))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => shared.arrived.wait(line).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
 }
