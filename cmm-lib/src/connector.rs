@@ -253,13 +253,23 @@ impl Connector {
         addrs: &[SocketAddr],
         networks: &[Network],
     ) -> Result<Connected, ConnectError> {
+        self.connect_via_within(addrs, networks, self.connect_timeout).await
+    }
+
+    /// [`Connector::connect_via`] with `timeout` for each connect.
+    pub async fn connect_via_within(
+        &self,
+        addrs: &[SocketAddr],
+        networks: &[Network],
+        timeout: Duration,
+    ) -> Result<Connected, ConnectError> {
         let direct = [None];
         let bound: Vec<Option<&Network>> = networks.iter().map(Some).collect();
         let tries: &[Option<&Network>] = if networks.is_empty() { &direct } else { &bound };
         let mut best: Option<ConnectError> = None;
         for network in tries {
             for &addr in addrs {
-                match net::connect(addr, *network, self.connect_timeout).await {
+                match net::connect(addr, *network, timeout).await {
                     Ok(stream) => {
                         let _ = net::keepalive(&stream);
                         return Ok(Connected { stream, network: network.cloned(), remote: addr });

@@ -129,6 +129,7 @@ impl Deferred {
     pub async fn complete(self) -> Result<Connected, ConnectError> {
         let c = &self.connector;
         let deadline = self.since + self.max_wait;
+        let mut first = true;
         loop {
             let networks = c.wait_route(self.labels, deadline).await.map_err(|e| match e {
                 ConnectError::DeferTimeout { why, .. } => ConnectError::DeferTimeout {
@@ -141,10 +142,21 @@ impl Deferred {
                 Some(a) => a.clone(),
                 None => c.resolve(&self.target).await?,
             };
-            match c.connect_via(&addrs, &networks).await {
+            // A network that has just come up may drop the first SYN (seen after an admin up:
+            // the kernel reports the link running before it carries packets, and the SYN is
+            // not sent again for a second). So the first try gets a few round trips, then a
+            // fresh socket tries at once with the full timeout.
+            let timeout =
+                if first { settle_timeout(&networks, c.connect_timeout()) } else { c.connect_timeout() };
+            match c.connect_via_within(&addrs, &networks, timeout).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) if e.kind() == ErrorKind::Refused => return Err(e),
+                Err(e) if first && timeout < c.connect_timeout() => {
+                    tracing::debug!("first connect on a network that just came up failed, trying again: {e}");
+                    first = false;
+                }
                 Err(e) if Instant::now() + Duration::from_secs(1) < deadline => {
+                    first = false;
                     // The network is up as far as the scout knows but did not carry us; try
                     // again shortly rather than spinning.
                     tracing::debug!("deferred connect failed, retrying: {e}");
@@ -154,6 +166,13 @@ impl Deferred {
             }
         }
     }
+}
+
+/// How long the first connect on a network that has just come up may take: a few of its
+/// round trips, at least half a second, at most the connect timeout.
+fn settle_timeout(networks: &[Network], connect_timeout: Duration) -> Duration {
+    let rtt = networks.first().map_or(Duration::from_millis(100), Network::rtt);
+    (rtt * 5).clamp(Duration::from_millis(500), connect_timeout.max(Duration::from_millis(500)))
 }
 
 /// One connection of a plain-mode multi-socket.
