@@ -65,6 +65,10 @@ struct Cli {
     /// floor of the links).
     #[arg(long, value_enum, default_value = "both")]
     background: Background,
+    /// Also write what the proxy logged in each run to `<mode>-<outage>-proxy.log` in the
+    /// output folder (set RUST_LOG for more).
+    #[arg(long)]
+    proxy_logs: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -90,6 +94,9 @@ pub struct Run {
     pub bg_up_mbit: f64,
     /// Background transfers abandoned (stalled or failed) and started again.
     pub bg_restarts: u64,
+    /// Background bytes moved in each second of the run, [down, up].
+    #[serde(default)]
+    pub bg_per_second: Vec<[u64; 2]>,
     /// Bytes each client interface moved (received + sent) during the run.
     pub interface_bytes: BTreeMap<String, u64>,
     /// Every foreground request.
@@ -185,9 +192,16 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
             let (tx, rx) = mpsc::channel();
             let mut requests = Vec::new();
             let mut k = 0u32;
+            let mut series = Vec::new();
+            let mut last = [0u64; 2];
             while Duration::from_secs(u64::from(k)) < duration {
                 let at = start + Duration::from_secs(u64::from(k));
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                if k > 0 {
+                    let now = [progress.down.load(Ordering::Relaxed), progress.up.load(Ordering::Relaxed)];
+                    series.push([now[0] - last[0], now[1] - last[1]]);
+                    last = now;
+                }
                 let (w, tx) = (workload.clone(), tx.clone());
                 requests.push(std::thread::spawn(move || {
                     let r = w.foreground();
@@ -197,6 +211,7 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
             }
             std::thread::sleep((start + duration).saturating_duration_since(Instant::now()));
             let totals = (progress.down.load(Ordering::Relaxed), progress.up.load(Ordering::Relaxed));
+            series.push([totals.0 - last[0], totals.1 - last[1]]);
             stop.store(true, Ordering::Relaxed);
             for r in requests {
                 let _ = r.join();
@@ -214,7 +229,7 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
                 })
                 .collect();
             fg.sort_by(|a, b| a.at.total_cmp(&b.at));
-            (fg, totals, progress.restarts.load(Ordering::Relaxed))
+            (fg, totals, progress.restarts.load(Ordering::Relaxed), series)
         })
     };
 
@@ -225,8 +240,14 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
         std::thread::sleep((start + restore).saturating_duration_since(Instant::now()));
         lab.restore(Uplink::Wifi, how);
     }
-    let (fg, (down, up), restarts) = clients.join().map_err(|_| "the client threads panicked".to_string())?;
+    let (fg, (down, up), restarts, series) =
+        clients.join().map_err(|_| "the client threads panicked".to_string())?;
     let after = interface_bytes(&lab);
+    if cli.proxy_logs
+        && let Some(log) = setup.proxy_log()
+    {
+        write(&cli.out.join(format!("{mode}-{outage}-proxy.log")), log.as_bytes())?;
+    }
     drop(setup);
     drop(servers);
     let secs = duration.as_secs_f64();
@@ -239,6 +260,7 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
         bg_down_mbit: mbit_per_s(down, secs),
         bg_up_mbit: mbit_per_s(up, secs),
         bg_restarts: restarts,
+        bg_per_second: series,
         interface_bytes: after
             .iter()
             .map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).copied().unwrap_or(0))))

@@ -108,6 +108,13 @@ pub struct Setup {
     _proxy: Option<Proc>,
 }
 
+impl Setup {
+    /// What the proxy logged, for the proxy modes.
+    pub fn proxy_log(&self) -> Option<String> {
+        self._proxy.as_ref().map(Proc::output)
+    }
+}
+
 /// Sets the lab up for `mode`: the proxy, or MPTCP endpoints.
 pub fn setup(lab: &Lab, mode: Mode) -> Result<Setup, String> {
     if mode.uses_proxy() {
