@@ -325,6 +325,15 @@ impl Connector {
     }
 }
 
+/// How long the first connect on a network that has just come up may take: a few of its round
+/// trips, at least half a second, at most `connect_timeout`. Seen after an admin up: the kernel
+/// reports the link running a moment before it carries packets, drops the first SYN and sends
+/// it again only a second later, so a fresh socket soon is faster than waiting.
+pub(crate) fn settle_timeout(network: Option<&Network>, connect_timeout: Duration) -> Duration {
+    let rtt = network.map_or(Duration::from_millis(100), Network::rtt);
+    (rtt * 5).clamp(Duration::from_millis(500), connect_timeout.max(Duration::from_millis(500)))
+}
+
 fn route_in(policy: &Policy, labels: Labels, networks: &[Network]) -> Route {
     match policy.choose(labels, networks) {
         Decision::Use { candidates, why } => {

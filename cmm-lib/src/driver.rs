@@ -570,7 +570,11 @@ impl CmmSocket {
 
 async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
     let key = (net_key(&network), remote);
-    let timeout = sock.connector.connect_timeout();
+    // The first dial since the network came up (no backoff yet) gets a few round trips: its
+    // first SYN may be lost, and then a fresh socket at once beats the kernel's retransmission.
+    let full = sock.connector.connect_timeout();
+    let first = !sock.lock().backoff.contains_key(&key);
+    let timeout = if first { crate::connector::settle_timeout(Some(&network), full) } else { full };
     match net::connect(remote, Some(&network), timeout).await {
         Ok(stream) => {
             let id = {
@@ -598,6 +602,11 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
             tracing::debug!(network = %network.name, %remote, "dial failed: {e}");
             sock.mutate(|st| {
                 st.connecting.remove(&key);
+                if first && timeout < full {
+                    // Try again at once, with the full timeout.
+                    st.backoff.insert(key, (Instant::now(), BACKOFF_MIN));
+                    return;
+                }
                 let entry = st.backoff.entry(key).or_insert((Instant::now(), BACKOFF_MIN));
                 entry.0 = Instant::now() + entry.1;
                 entry.1 = (entry.1 * 2).min(BACKOFF_MAX);

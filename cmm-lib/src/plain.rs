@@ -146,8 +146,11 @@ impl Deferred {
             // the kernel reports the link running before it carries packets, and the SYN is
             // not sent again for a second). So the first try gets a few round trips, then a
             // fresh socket tries at once with the full timeout.
-            let timeout =
-                if first { settle_timeout(&networks, c.connect_timeout()) } else { c.connect_timeout() };
+            let timeout = if first {
+                crate::connector::settle_timeout(networks.first(), c.connect_timeout())
+            } else {
+                c.connect_timeout()
+            };
             match c.connect_via_within(&addrs, &networks, timeout).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) if e.kind() == ErrorKind::Refused => return Err(e),
@@ -166,13 +169,6 @@ impl Deferred {
             }
         }
     }
-}
-
-/// How long the first connect on a network that has just come up may take: a few of its
-/// round trips, at least half a second, at most the connect timeout.
-fn settle_timeout(networks: &[Network], connect_timeout: Duration) -> Duration {
-    let rtt = networks.first().map_or(Duration::from_millis(100), Network::rtt);
-    (rtt * 5).clamp(Duration::from_millis(500), connect_timeout.max(Duration::from_millis(500)))
 }
 
 /// One connection of a plain-mode multi-socket.
