@@ -438,6 +438,12 @@ impl Lab {
     pub fn spawn(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Proc {
         let mut cmd = self.command(ns, program);
         cmd.args(args);
+        self.spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (made with [`Lab::command`], so it runs in a namespace) like
+    /// [`Lab::spawn`]: output captured, killed when the lab goes.
+    pub fn spawn_command(&self, cmd: Command) -> Proc {
         let p = Proc::spawn(cmd);
         self.procs.lock().unwrap_or_else(|e| e.into_inner()).push(p.weak());
         p

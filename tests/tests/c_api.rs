@@ -136,7 +136,11 @@ fn run_c_programs(test: &str, valgrind: bool) {
     let (prog, mut args) = vg(&server_bin);
     args.push("7100".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = lab.spawn(&lab.server(), &prog, &args);
+    // The library's log goes with the server's output, so a failure shows both sides.
+    let log = std::env::var("CMM_TEST_LOG").unwrap_or_else(|_| "cmm=debug".into());
+    let mut cmd = lab.command(&lab.server(), &prog);
+    cmd.args(&args).env("RUST_LOG", &log);
+    let server = lab.spawn_command(cmd);
     server.wait_for_line("listening on 7100", Duration::from_secs(60));
 
     let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
@@ -149,7 +153,7 @@ fn run_c_programs(test: &str, valgrind: bool) {
         .env("CMM_CONFIG", &config)
         .env("CMM_CUT", "ip link set wifi0 down")
         .env("CMM_RESTORE", RESTORE_WIFI)
-        .env("RUST_LOG", std::env::var("CMM_TEST_LOG").unwrap_or_else(|_| "cmm=debug".into()))
+        .env("RUST_LOG", &log)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
