@@ -394,6 +394,18 @@ mod tests {
         assert_eq!(first(c.route(Labels::ONDEMAND)), "wifi0");
     }
 
+    #[test]
+    fn a_network_that_just_came_up_gets_a_few_round_trips_for_its_first_connect() {
+        let mut n = Network::new("wifi", "wifi0", NetworkKind::Wifi);
+        n.declared.rtt = Some(Duration::from_millis(150));
+        assert_eq!(settle_timeout(Some(&n), Duration::from_secs(3)), Duration::from_millis(750));
+        n.declared.rtt = Some(Duration::from_millis(20));
+        assert_eq!(settle_timeout(Some(&n), Duration::from_secs(3)), Duration::from_millis(500));
+        n.declared.rtt = Some(Duration::from_secs(2));
+        assert_eq!(settle_timeout(Some(&n), Duration::from_secs(3)), Duration::from_secs(3));
+        assert_eq!(settle_timeout(None, Duration::from_secs(3)), Duration::from_millis(500));
+    }
+
     #[tokio::test]
     async fn until_down_fires_when_the_network_goes() {
         let scout = Scout::manual(vec![Network::new("wifi", "wifi0", NetworkKind::Wifi)]);

@@ -289,6 +289,20 @@ mod tests {
         (a, b)
     }
 
+    /// Writes `payload` from `app` and half-closes, and returns what reaches `server`.
+    async fn through(mut app: TcpStream, server: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
+        let sent = payload.to_vec();
+        tokio::spawn(async move {
+            app.write_all(&sent).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = app.read_to_end(&mut rest).await;
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
     #[tokio::test]
     async fn splice_moves_everything_and_passes_half_closes() {
         // app <-> (client, upstream) <-> server
@@ -357,7 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pace_limits_every_read_and_loses_nothing() {
-        let (mut app, client) = pair().await;
+        let (app, client) = pair().await;
         let (upstream, mut server) = pair().await;
         let pace = std::sync::Arc::new(Stingy::default());
         let p = pace.clone();
@@ -365,16 +379,7 @@ mod tests {
             splice_bidirectional(&client, &upstream, &mut Counts::default(), Some(&*p)).await
         });
         let payload: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
-        let sent = payload.clone();
-        tokio::spawn(async move {
-            app.write_all(&sent).await.unwrap();
-            app.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let _ = app.read_to_end(&mut rest).await;
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, payload);
+        assert_eq!(through(app, &mut server, &payload).await, payload);
         drop(server);
         let _ = relay.await.unwrap();
         let (asks, largest, total) = *pace.calls.lock().unwrap();
@@ -385,7 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_copy_path_is_paced_too() {
-        let (mut app, mut client) = pair().await;
+        let (app, mut client) = pair().await;
         let (mut upstream, mut server) = pair().await;
         let pace = std::sync::Arc::new(Stingy::default());
         let p = pace.clone();
@@ -393,20 +398,29 @@ mod tests {
             copy_bidirectional(&mut client, &mut upstream, &mut Counts::default(), Some(&*p)).await
         });
         let payload = vec![7u8; 200_000];
-        let sent = payload.clone();
-        tokio::spawn(async move {
-            app.write_all(&sent).await.unwrap();
-            app.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let _ = app.read_to_end(&mut rest).await;
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, payload);
+        assert_eq!(through(app, &mut server, &payload).await, payload);
         drop(server);
         let _ = relay.await.unwrap();
         let (_, largest, total) = *pace.calls.lock().unwrap();
         assert_eq!(total, 200_000);
         assert!(largest <= 10_000, "{largest}");
+    }
+
+    #[tokio::test]
+    async fn a_paced_window_is_applied_kept_and_lifted() {
+        let (socket, _peer) = pair().await;
+        let original = cmm::net::window_clamp(&socket).unwrap();
+        let mut clamp = WindowClamp::default();
+        clamp.follow(&socket, Some(40_000));
+        assert_eq!(cmm::net::window_clamp(&socket).unwrap(), 40_000);
+        // Something else (autotuning) raised it: set again on the next read.
+        cmm::net::set_window_clamp(&socket, 900_000).unwrap();
+        clamp.follow(&socket, Some(40_000));
+        assert_eq!(cmm::net::window_clamp(&socket).unwrap(), 40_000);
+        // Pacing over: at least what it was before, and as large as the receive buffer.
+        clamp.follow(&socket, None);
+        let lifted = cmm::net::window_clamp(&socket).unwrap();
+        let buffer = SockRef::from(&socket).recv_buffer_size().unwrap() as u32;
+        assert!(lifted >= original && lifted >= buffer, "{lifted} < {original} or {buffer}");
     }
 }
