@@ -12,6 +12,8 @@
  * is ready, so poll/epoll/select work on it alongside ordinary descriptors.
  *
  * Failures return -1 (CMM_FAILED) and set errno; an unknown descriptor gives EBADF.
+ * The library never raises SIGPIPE: a peer that vanished is an error on the path, not a signal
+ * that kills the program.
  * Build and link: see cmm-lib/README.md (pkg-config --cflags --libs libcmm).
  */
 #ifndef LIBCMM_H

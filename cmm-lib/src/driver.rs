@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use cmm_policy::{Labels, Network, NetworkKind};
 use cmm_scout::Snapshot;
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
@@ -776,7 +776,7 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
 }
 
 /// Writes every transmit (header then payload each) with as few system calls as the kernel
-/// allows.
+/// allows, and never a SIGPIPE (see [`net::send_vectored`]).
 async fn write_all_vectored(wr: &mut OwnedWriteHalf, batch: &[Transmit]) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for t in batch {
@@ -793,7 +793,7 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, batch: &[Transmit]) -> io::
         let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&parts[first][offset..]))
             .chain(parts[first + 1..].iter().map(|p| io::IoSlice::new(p)))
             .collect();
-        let mut n = wr.write_vectored(&slices).await?;
+        let mut n = net::send_vectored(wr.as_ref(), &slices).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -250,3 +250,53 @@ mod clamp_tests {
         eprintln!("original clamp {original}");
     }
 }
+
+/// Writes as many of `bufs` as the socket takes now, like `writev(2)` but with `MSG_NOSIGNAL`:
+/// a peer that has gone away gives `EPIPE`, never a `SIGPIPE` that would kill a C program
+/// that links the library (Rust's runtime ignores SIGPIPE; C's default is to die of it).
+/// std's `write_vectored` on a socket is a plain `writev` and raises it.
+pub async fn send_vectored(stream: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    stream
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+        })
+        .await
+}
+
+#[cfg(test)]
+mod sigpipe_tests {
+    use super::*;
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+    /// Writing to a connection the peer has reset raises no SIGPIPE. The signal is blocked on
+    /// this thread (a test runtime's only thread), so a raised one stays pending where a
+    /// signalfd sees it, even though Rust's runtime ignores it.
+    #[tokio::test]
+    async fn a_vanished_peer_gives_epipe_not_sigpipe() {
+        let pipe = SigSet::from(Signal::SIGPIPE);
+        pipe.thread_block().unwrap();
+        let fd = SignalFd::with_flags(&pipe, SfdFlags::SFD_NONBLOCK).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, server) = (client.unwrap(), accepted.unwrap().0);
+        // The peer goes with a reset (linger 0), then its error is read, as a path's reader
+        // does, so the next writes meet a dead socket: EPIPE.
+        SockRef::from(&server).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(server);
+        let mut buf = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.readable()).await;
+        let _ = client.try_read(&mut buf);
+        let data = [7u8; 1000];
+        let mut errors = Vec::new();
+        for _ in 0..5 {
+            match send_vectored(&client, &[io::IoSlice::new(&data), io::IoSlice::new(&data)]).await {
+                Ok(_) => {}
+                Err(e) => errors.push(e.kind()),
+            }
+        }
+        assert!(errors.contains(&io::ErrorKind::BrokenPipe), "{errors:?}");
+        assert_eq!(fd.read_signal().unwrap().map(|s| s.ssi_signo), None, "SIGPIPE raised");
+    }
+}

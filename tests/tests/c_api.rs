@@ -160,8 +160,9 @@ fn run_c_programs(test: &str, valgrind: bool) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "client failed ({:?}):\n{stdout}\n{stderr}\nserver:\n{}",
+        "client failed ({:?}):\n{stdout}\n{stderr}\nserver (exited: {:?}):\n{}",
         out.status,
+        server.exited(),
         server.output()
     );
     for line in [
