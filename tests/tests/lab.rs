@@ -20,6 +20,17 @@ fn curl_ip(lab: &Lab, interface: Option<&str>) -> Result<String, String> {
     }
 }
 
+/// One figure curl writes out (`-w`, e.g. `%{speed_download}`) for a GET of `path` on the lab
+/// server through `interface`.
+fn curl_figure(lab: &Lab, interface: &str, path: &str, figure: &str, max_time: &str) -> f64 {
+    let url = format!("http://{SERVER}:{HTTP_PORT}{path}");
+    let args =
+        ["-sS", "-o", "/dev/null", "--max-time", max_time, "--interface", interface, "-w", figure, &url];
+    let out = lab.run(&lab.client(), "curl", &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap()
+}
+
 #[test]
 fn uplinks_carry_traffic_and_cut_three_ways() {
     let Some(lab) = Lab::new("uplinks_carry_traffic_and_cut_three_ways") else { return };
@@ -57,25 +68,7 @@ fn uplinks_are_shaped() {
     let _servers = lab.start_servers();
     // 1 MB over cell (2 Mbit/s) takes about 4 s; over wifi (50 Mbit/s) a fraction of that.
     let speed = |iface: &str| -> f64 {
-        let url = format!("http://{SERVER}:{HTTP_PORT}/bytes/1000000");
-        let out = lab.run(
-            &lab.client(),
-            "curl",
-            &[
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "30",
-                "--interface",
-                iface,
-                "-w",
-                "%{speed_download}",
-                &url,
-            ],
-        );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() * 8.0 / 1e6
+        curl_figure(&lab, iface, "/bytes/1000000", "%{speed_download}", "30") * 8.0 / 1e6
     };
     let cell = speed("cell0");
     let wifi = speed("wifi0");
@@ -109,27 +102,8 @@ fn delay_lines_add_round_trip_time_both_ways() {
     let Some(lab) = Lab::new("delay_lines_add_round_trip_time_both_ways") else { return };
     let _servers = lab.start_servers();
     // The TCP handshake takes one round trip; curl times it.
-    let handshake = |iface: &str| -> f64 {
-        let url = format!("http://{SERVER}:{HTTP_PORT}/ip");
-        let out = lab.run(
-            &lab.client(),
-            "curl",
-            &[
-                "-sS",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "10",
-                "--interface",
-                iface,
-                "-w",
-                "%{time_connect}",
-                &url,
-            ],
-        );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() * 1000.0
-    };
+    let handshake =
+        |iface: &str| -> f64 { curl_figure(&lab, iface, "/ip", "%{time_connect}", "10") * 1000.0 };
     let before = (handshake("wifi0"), handshake("cell0"));
     lab.add_delay(Duration::from_millis(20), Duration::from_millis(60));
     let after = (handshake("wifi0"), handshake("cell0"));
