@@ -80,6 +80,14 @@ fn hundred_megabytes_across_five_wifi_outages() {
             let sock = MultiSocket::connect(&connector, addr, Labels::BACKGROUND, Callbacks::default())
                 .await
                 .unwrap();
+            // Connect returns once background's network (Wi-Fi) has its path; until cell's is
+            // up too, an on-demand message takes the only path there is, by design. The label
+            // check below is about the steady state, so both paths come first.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sock.paths().iter().filter(|p| p.established).count() < 2 {
+                assert!(Instant::now() < deadline, "both paths up: {:?}", sock.paths());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             // On-demand: a small message every 100 ms, while the background stream runs.
             let fg_sock = sock.clone();
             let fg_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
