@@ -12,7 +12,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cmm_policy::{Labels, NetworkKind};
 
 /// Protocol version spoken by this implementation.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
 pub const HEADER: usize = 5;
 /// Largest payload accepted: a full data chunk plus its fields, with room to spare.
@@ -71,6 +71,10 @@ pub enum Frame {
         session: SessionId,
         /// This path's number.
         path: PathId,
+        /// Whether the path joins a session that has worked before (an accepting side that
+        /// does not know it refuses the path rather than start the session afresh: it lost
+        /// the session's state, and bytes with it).
+        join: bool,
         /// The connecting side's network for this path.
         network: NetworkInfo,
     },
@@ -190,10 +194,13 @@ impl Frame {
         let start = out.len();
         out.put_bytes(0, HEADER);
         let code = match self {
-            Frame::Hello { version, session, path, network } => {
+            Frame::Hello { version, session, path, join, network } => {
                 out.put_u16(*version);
                 out.put_slice(&session.0);
                 out.put_u32(*path);
+                if *version >= 2 {
+                    out.put_u8(*join as u8);
+                }
                 out.put_u8(kind_code(network.kind));
                 out.put_u8(network.metered as u8);
                 out.put_u64(network.bandwidth_down);
@@ -276,12 +283,20 @@ pub fn decode_payload(code: u8, mut p: Bytes) -> Result<Frame, FrameError> {
     let need = |name: &'static str, ok: bool| if ok { Ok(()) } else { Err(FrameError::BadLength(name, len)) };
     match code {
         kind::HELLO => {
-            const HELLO_FIXED: usize = 2 + 16 + 4 + 1 + 1 + 8 + 8 + 4 + 1;
-            need("HELLO", len >= HELLO_FIXED)?;
+            // Version 1 had no join flag; it is still decoded, so that its sender is told
+            // which version this side speaks.
+            const HELLO_V1: usize = 2 + 16 + 4 + 1 + 1 + 8 + 8 + 4 + 1;
+            need("HELLO", len >= HELLO_V1)?;
             let version = p.get_u16();
+            need("HELLO", version < 2 || len > HELLO_V1)?;
             let mut session = [0u8; 16];
             p.copy_to_slice(&mut session);
             let path = p.get_u32();
+            let join = match if version >= 2 { p.get_u8() } else { 0 } {
+                0 => false,
+                1 => true,
+                other => return Err(FrameError::BadField(format!("HELLO join flag {other}"))),
+            };
             let kind = code_kind(p.get_u8());
             let metered = match p.get_u8() {
                 0 => false,
@@ -299,6 +314,7 @@ pub fn decode_payload(code: u8, mut p: Bytes) -> Result<Frame, FrameError> {
                 version,
                 session: SessionId(session),
                 path,
+                join,
                 network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us },
             })
         }
@@ -453,6 +469,7 @@ mod tests {
             version: VERSION,
             session: SessionId([7; 16]),
             path: 3,
+            join: true,
             network: NetworkInfo {
                 name: "wifi".into(),
                 kind: NetworkKind::Wifi,

@@ -8,7 +8,7 @@
 //! with a cumulative offset plus selective ranges on the path the data came in on.
 //!
 //! A path is *troubled* when it has data out and no acknowledgement has made progress for
-//! `max(min_trouble, 3 × srtt)` (libcmm's rule, with a floor that tolerates a loaded machine):
+//! `max(min_trouble, 3 × srtt + ack_delay)` (libcmm's rule, with a floor that tolerates a loaded machine):
 //! its unacknowledged data is then resent on another path its labels allow. A path that is
 //! closed (its network went down) has its data resent at once, and the peer is told with
 //! PATH_DOWN on another path so it fails over at once too. Data whose labels allow no
@@ -155,6 +155,9 @@ pub enum SendError {
     /// The session is closed.
     #[error("the session is closed: {0}")]
     Closed(String),
+    /// The peer is gone for good (see [`Session::abort`]).
+    #[error("{0}")]
+    Reset(String),
 }
 
 /// Why `recv` gave nothing.
@@ -164,6 +167,8 @@ pub enum RecvError {
     WouldBlock,
     /// The session closed before the end of the stream.
     Closed(String),
+    /// The peer is gone for good (see [`Session::abort`]).
+    Reset(String),
 }
 
 /// A protocol violation on one path; the driver closes that path.
@@ -276,6 +281,20 @@ impl PathState {
     }
 }
 
+/// What a HELLO says, as the accepting side needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The session the path belongs to.
+    pub session: SessionId,
+    /// The path's number.
+    pub path: PathId,
+    /// Whether the session has worked before (a session the acceptor does not know must then
+    /// be refused, not started afresh).
+    pub join: bool,
+    /// The connecting side's network for the path.
+    pub network: NetworkInfo,
+}
+
 /// A network as the accepting side knows it: described by the peer in HELLO.
 pub fn network_from_info(info: &NetworkInfo, path: PathId) -> Network {
     let mut n = Network::new(&info.name, &format!("{}#{path}", info.name), info.kind);
@@ -332,6 +351,10 @@ pub struct Session {
     last_window_update: u64,
     peer_fin: Option<u64>,
     closed: Option<String>,
+    /// Closed because the peer is gone (not by either side's close).
+    aborted: bool,
+    /// Whether a path ever completed its handshake (later paths join, rather than open).
+    ever_established: bool,
     trickler: Arc<Trickler>,
 }
 
@@ -365,6 +388,8 @@ impl Session {
             last_window_update: 0,
             peer_fin: None,
             closed: None,
+            aborted: false,
+            ever_established: false,
             trickler: Arc::new(Trickler::new()),
         }
     }
@@ -400,6 +425,7 @@ impl Session {
                 version: frame::VERSION,
                 session: self.id,
                 path: id,
+                join: self.ever_established,
                 network: info_from_network(&p.network),
             }
             .encode(&mut p.control),
@@ -547,7 +573,11 @@ impl Session {
 
     fn check_send(&self, labels: Labels) -> Result<PathId, SendError> {
         if let Some(r) = &self.closed {
-            return Err(SendError::Closed(r.clone()));
+            return Err(if self.aborted {
+                SendError::Reset(r.clone())
+            } else {
+                SendError::Closed(r.clone())
+            });
         }
         if self.fin.is_some() {
             return Err(SendError::Shutdown);
@@ -612,10 +642,7 @@ impl Session {
             if self.peer_fin == Some(self.rx_cumulative) {
                 return Ok((0, Labels::NONE));
             }
-            if let Some(reason) = &self.closed {
-                return Err(RecvError::Closed(reason.clone()));
-            }
-            return Err(RecvError::WouldBlock);
+            return Err(self.recv_error());
         };
         let labels = *labels;
         let mut n = 0;
@@ -646,10 +673,7 @@ impl Session {
             if self.peer_fin == Some(self.rx_cumulative) {
                 return Ok((Bytes::new(), Labels::NONE));
             }
-            if let Some(reason) = &self.closed {
-                return Err(RecvError::Closed(reason.clone()));
-            }
-            return Err(RecvError::WouldBlock);
+            return Err(self.recv_error());
         };
         let labels = *labels;
         let out = if data.len() <= max {
@@ -680,6 +704,26 @@ impl Session {
                 p.fin_sent = false;
             }
         }
+    }
+
+    fn recv_error(&self) -> RecvError {
+        match &self.closed {
+            Some(r) if self.aborted => RecvError::Reset(r.clone()),
+            Some(r) => RecvError::Closed(r.clone()),
+            None => RecvError::WouldBlock,
+        }
+    }
+
+    /// Ends the session without a word to the peer, which is gone for good (every path reset,
+    /// every redial refused): what was received can still be read, then reads and sends fail
+    /// with [`RecvError::Reset`] / [`SendError::Reset`]. Unacknowledged data is dropped.
+    pub fn abort(&mut self, reason: &str) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.closed = Some(reason.to_string());
+        self.aborted = true;
+        self.events.push_back(Event::Closed { reason: reason.to_string() });
     }
 
     /// Closes the session: a CLOSE goes out on every path.
@@ -775,7 +819,14 @@ impl Session {
                     }
                     None => return Ok(()),
                 };
+                self.ever_established = true;
                 self.path_usable(id, network);
+            }
+            Frame::Close { reason, .. } if !established && self.role == Role::Connecting => {
+                // The acceptor refused the path: it does not know this session any more (it
+                // restarted, and what it had received is gone) or will not have it. No later
+                // path can fare better.
+                self.abort(&format!("the peer refused the session: {reason}"));
             }
             _ if !established => {
                 return Err(SessionError::Protocol(format!("{} before the handshake", f.name())));
@@ -1133,7 +1184,10 @@ impl Session {
         let cfg = self.cfg.clone();
         for (&id, p) in self.paths.iter_mut() {
             if p.ack_due.is_some_and(|t| t <= now) {
+                // Due now: it goes out with the path's next write. (Kept armed, the timer would
+                // fire again and again while the path's writer waits for the socket.)
                 p.ack_now = true;
+                p.ack_due = None;
             }
             if p.paced_until.is_some_and(|t| t <= now) {
                 p.paced_until = None;
@@ -1177,20 +1231,19 @@ impl Session {
 }
 
 /// Reads the HELLO that opens a path on the accepting side. Returns the session, path and
-/// network it names, and the decoder holding whatever followed it.
-pub fn read_hello(
-    decoder: &mut FrameDecoder,
-) -> Result<Option<(SessionId, PathId, NetworkInfo)>, SessionError> {
+/// network it names and whether it joins a session that worked before; the decoder keeps
+/// whatever followed it.
+pub fn read_hello(decoder: &mut FrameDecoder) -> Result<Option<Hello>, SessionError> {
     match decoder.next_frame()? {
         None => Ok(None),
-        Some(Frame::Hello { version, session, path, network }) => {
+        Some(Frame::Hello { version, session, path, join, network }) => {
             if version != frame::VERSION {
                 return Err(SessionError::Protocol(format!(
                     "protocol version {version} is not supported (this side speaks {})",
                     frame::VERSION
                 )));
             }
-            Ok(Some((session, path, network)))
+            Ok(Some(Hello { session, path, join, network }))
         }
         Some(other) => Err(SessionError::Protocol(format!("expected HELLO, got {}", other.name()))),
     }

@@ -68,6 +68,9 @@ struct Link {
     /// Extra random delay per packet: varies how paths overtake each other (within one path
     /// TCP keeps order, so packets never overtake on the same link).
     jitter: Duration,
+    /// The connection is gone for good (a side closed it while its network was down, or it
+    /// was reset): nothing on it or written to it later arrives.
+    dead: bool,
 }
 
 struct Sim {
@@ -82,6 +85,10 @@ struct Sim {
     got_labels: Vec<(usize, Labels)>,
     b_eof: bool,
     b_reads: bool,
+    /// What a has received from b, in order.
+    a_got: Vec<u8>,
+    a_got_labels: Vec<(usize, Labels)>,
+    a_reads: bool,
 }
 
 impl Sim {
@@ -102,6 +109,9 @@ impl Sim {
             got_labels: Vec::new(),
             b_eof: false,
             b_reads: true,
+            a_got: Vec::new(),
+            a_got_labels: Vec::new(),
+            a_reads: true,
         }
     }
 
@@ -127,6 +137,7 @@ impl Sim {
                 ab: Vec::new(),
                 ba: Vec::new(),
                 jitter: Duration::ZERO,
+                dead: false,
             },
         );
         self.b_pending.insert(id, FrameDecoder::new());
@@ -159,6 +170,9 @@ impl Sim {
         };
         let now = self.now;
         let link = self.links.get_mut(&id).unwrap();
+        if link.dead {
+            return;
+        }
         let (up, busy, queue, held) = if ab {
             (link.up_ab, &mut link.busy_ab, &mut link.ab, &mut link.held_ab)
         } else {
@@ -186,6 +200,9 @@ impl Sim {
         for id in ids {
             let now = self.now;
             let link = self.links.get_mut(&id).unwrap();
+            if link.dead {
+                continue;
+            }
             // A direction that came back releases what it held, in order.
             let floor_ab = link.ab.last().map_or(now, |p| p.at);
             if link.up_ab {
@@ -217,7 +234,7 @@ impl Sim {
             dec.push(bytes);
             match read_hello(dec).expect("hello") {
                 None => return,
-                Some((session, path, info)) => {
+                Some(Hello { session, path, network: info, .. }) => {
                     assert_eq!(session, self.a.id());
                     assert_eq!(path, id);
                     let rest = dec.take_buffered();
@@ -232,6 +249,46 @@ impl Sim {
         }
         if let Err(e) = self.b.handle_input(id, bytes, self.now) {
             panic!("b rejected input on path {id}: {e}");
+        }
+    }
+
+    /// Kills path `id`'s connection: what is in flight on it is lost, and nothing more gets
+    /// through. Neither side is told.
+    fn kill(&mut self, id: PathId) {
+        if let Some(l) = self.links.get_mut(&id) {
+            l.dead = true;
+            l.ab.clear();
+            l.ba.clear();
+            l.held_ab.clear();
+            l.held_ba.clear();
+        }
+    }
+
+    /// Every network of the connecting side goes at once (admin down): its connections die
+    /// with what is in flight, it drops all its paths, and the accepting side, which nobody
+    /// can tell, still believes in its own.
+    fn total_outage(&mut self) {
+        let ids: Vec<PathId> = self.links.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+            self.a.remove_path(id, "network went down", self.now);
+        }
+    }
+
+    fn read_a(&mut self) {
+        if !self.a_reads {
+            return;
+        }
+        let mut buf = vec![0u8; 100_000];
+        while let Ok((n, l)) = self.a.recv(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            self.a_got.extend_from_slice(&buf[..n]);
+            match self.a_got_labels.last_mut() {
+                Some((len, last)) if *last == l => *len += n,
+                _ => self.a_got_labels.push((n, l)),
+            }
         }
     }
 
@@ -264,6 +321,7 @@ impl Sim {
         self.transmit();
         self.deliver();
         self.read_b();
+        self.read_a();
         if self.a.poll_timeout().is_some_and(|t| t <= self.now) {
             self.a.handle_timeout(self.now);
         }
@@ -299,20 +357,40 @@ impl Sim {
 
     fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
+        let mut stuck = 0;
         while self.now < end {
+            let before = self.now;
             if !self.step() {
                 self.now = end;
             }
+            stuck = if self.now == before { stuck + 1 } else { 0 };
+            assert!(
+                stuck < 100_000,
+                "no progress at {:?}:\na: {}\nb: {}",
+                self.now,
+                self.a.debug_summary(),
+                self.b.debug_summary()
+            );
         }
     }
 
     fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
         let end = self.now + limit;
+        let mut stuck = 0;
         while !done(self) {
             assert!(self.now < end, "not done within {limit:?} (virtual)");
+            let before = self.now;
             if !self.step() {
                 self.now += MS;
             }
+            stuck = if self.now == before { stuck + 1 } else { 0 };
+            assert!(
+                stuck < 100_000,
+                "no progress at {:?}:\na: {}\nb: {}",
+                self.now,
+                self.a.debug_summary(),
+                self.b.debug_summary()
+            );
         }
     }
 
@@ -591,8 +669,14 @@ fn bad_input_is_an_error_for_that_path_only() {
     assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
     // A second HELLO on an open path.
     let mut out = BytesMut::new();
-    Frame::Hello { version: 1, session: SessionId([1; 16]), path: 5, network: info_from_network(&wifi()) }
-        .encode(&mut out);
+    Frame::Hello {
+        version: frame::VERSION,
+        session: SessionId([1; 16]),
+        path: 5,
+        join: false,
+        network: info_from_network(&wifi()),
+    }
+    .encode(&mut out);
     assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
     // WELCOME to the accepting side.
     let mut out = BytesMut::new();
@@ -601,10 +685,16 @@ fn bad_input_is_an_error_for_that_path_only() {
     // A version we do not speak.
     let mut d = FrameDecoder::new();
     let mut out = BytesMut::new();
-    Frame::Hello { version: 7, session: SessionId([1; 16]), path: 5, network: info_from_network(&wifi()) }
-        .encode(&mut out);
+    Frame::Hello {
+        version: 1,
+        session: SessionId([1; 16]),
+        path: 5,
+        join: false,
+        network: info_from_network(&wifi()),
+    }
+    .encode(&mut out);
     d.push(&out);
-    assert!(read_hello(&mut d).unwrap_err().to_string().contains("version 7"));
+    assert!(read_hello(&mut d).unwrap_err().to_string().contains("version 1 is not supported"));
 }
 
 #[derive(Clone, Debug)]
@@ -800,4 +890,227 @@ fn foreground_chunks_sent_or_received_start_pacing_on_both_sides() {
     sim.run_until(Duration::from_secs(1), |s| s.got.len() == 4);
     assert!(!sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
     assert!(!sim.b.trickler.pacing(&b_network(&sim), sim.now));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both directions, total outages, stale paths.
+
+impl Sim {
+    /// Sends from b (the accepting side) as much of `data` as it takes now.
+    fn b_send_now(&mut self, data: &[u8], labels: Labels) -> usize {
+        match self.b.send(data, labels) {
+            Ok(n) => n,
+            Err(SendError::Full) | Err(SendError::NoNetwork) => 0,
+            Err(e) => panic!("b send: {e}"),
+        }
+    }
+
+    /// Adds a path from a, the first path the session has had for a while (or not).
+    fn established(&self) -> usize {
+        self.a.path_stats().iter().filter(|p| p.established).count()
+    }
+}
+
+/// Accepted bytes, and the label runs they were accepted with.
+#[derive(Default)]
+struct Stream {
+    bytes: Vec<u8>,
+    labels: Vec<(usize, Labels)>,
+}
+
+impl Stream {
+    fn push(&mut self, data: &[u8], labels: Labels) {
+        self.bytes.extend_from_slice(data);
+        if data.is_empty() {
+            return;
+        }
+        match self.labels.last_mut() {
+            Some((len, last)) if *last == labels => *len += data.len(),
+            _ => self.labels.push((data.len(), labels)),
+        }
+    }
+}
+
+#[test]
+fn every_path_vanishing_while_the_acceptor_believes_in_one_loses_nothing() {
+    let mut sim = Sim::new(strict_policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, cell(), 10 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2 && s.b.path_ids().len() == 2);
+    let (mut ab, mut ba) = (Stream::default(), Stream::default());
+    // Before: both directions busy, on both paths.
+    let d = payload(300_000, 1);
+    sim.send_all(&d, Labels::BACKGROUND, Duration::from_secs(5));
+    ab.push(&d, Labels::BACKGROUND);
+    let d = payload(2_000, 2);
+    sim.send_all(&d, Labels::ONDEMAND, Duration::from_secs(5));
+    ab.push(&d, Labels::ONDEMAND);
+    let d = payload(200_000, 3);
+    let n = sim.b_send_now(&d, Labels::BACKGROUND);
+    ba.push(&d[..n], Labels::BACKGROUND);
+    sim.run_for(15 * MS);
+    assert!(sim.got.len() < ab.bytes.len() && sim.a_got.len() < ba.bytes.len(), "data must be in flight");
+
+    // Every network goes at once. a knows; b is told nothing and keeps both paths.
+    sim.total_outage();
+    assert_eq!(sim.a.send(b"x", Labels::ONDEMAND), Err(SendError::NoNetwork));
+    assert_eq!(sim.b.path_ids(), vec![1, 2], "b still believes in its paths");
+    // b goes on sending (to paths it believes in); a long outage, longer than any timer.
+    let d = payload(50_000, 4);
+    let n = sim.b_send_now(&d, Labels::ONDEMAND);
+    assert!(n > 0);
+    ba.push(&d[..n], Labels::ONDEMAND);
+    sim.run_for(Duration::from_secs(120));
+    assert!(sim.b.path_stats().iter().all(|p| p.troubled), "{}", sim.b.debug_summary());
+    // During: a still cannot send; what b sent meanwhile waits.
+    assert_eq!(sim.a.send(b"x", Labels::BACKGROUND), Err(SendError::NoNetwork));
+    let d = payload(10_000, 5);
+    let n = sim.b_send_now(&d, Labels::BACKGROUND);
+    ba.push(&d[..n], Labels::BACKGROUND);
+
+    // New paths join (the old ones are still there on b); the first data is a's, sent as soon
+    // as a path is up — what a resume handler does.
+    sim.add_path(3, cell(), 10 * MS, 250_000);
+    sim.add_path(4, wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(5), |s| s.a.path_for(Labels::BACKGROUND).is_some());
+    let d = payload(3_004, 6);
+    sim.send_all(&d, Labels::BACKGROUND, Duration::from_secs(5));
+    ab.push(&d, Labels::BACKGROUND);
+    // After: more both ways.
+    let d = payload(100_000, 7);
+    sim.send_all(&d, Labels::ONDEMAND, Duration::from_secs(30));
+    ab.push(&d, Labels::ONDEMAND);
+    let d = payload(40_000, 8);
+    let n = sim.b_send_now(&d, Labels::SMALL);
+    ba.push(&d[..n], Labels::SMALL);
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.got.len() >= ab.bytes.len() && s.a_got.len() >= ba.bytes.len() && s.a.all_acked() && s.b.all_acked()
+    });
+    assert!(sim.got == ab.bytes, "a to b: {} of {} bytes, not the same", sim.got.len(), ab.bytes.len());
+    assert!(sim.a_got == ba.bytes, "b to a: {} of {} bytes, not the same", sim.a_got.len(), ba.bytes.len());
+    assert_eq!(sim.got_labels, ab.labels);
+    assert_eq!(sim.a_got_labels, ba.labels);
+}
+
+/// What happens to paths and data in one step of an outage history.
+#[derive(Clone, Debug)]
+enum Ev {
+    /// a sends n bytes with labels #l.
+    SendA(usize, u8),
+    /// b sends.
+    SendB(usize, u8),
+    Run(u16),
+    /// A path's connection stalls (and may come back).
+    Stall(u8),
+    Unstall(u8),
+    /// A path's connection dies; a notices (its network went down), b does not.
+    DownAtA(u8),
+    /// A path's connection dies; b notices (a reset), a does not.
+    ResetAtB(u8),
+    /// A path's connection dies and nobody notices.
+    Silent(u8),
+    /// Every connection dies; a drops all its paths.
+    TotalOutage,
+    /// a dials a new path.
+    Add(u8),
+}
+
+fn history() -> impl Strategy<Value = Vec<Ev>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => (1usize..40_000, 0u8..4).prop_map(|(n, l)| Ev::SendA(n, l)),
+            3 => (1usize..40_000, 0u8..4).prop_map(|(n, l)| Ev::SendB(n, l)),
+            4 => (1u16..3000).prop_map(Ev::Run),
+            1 => any::<u8>().prop_map(Ev::Stall),
+            1 => any::<u8>().prop_map(Ev::Unstall),
+            1 => any::<u8>().prop_map(Ev::DownAtA),
+            1 => any::<u8>().prop_map(Ev::ResetAtB),
+            1 => any::<u8>().prop_map(Ev::Silent),
+            1 => Just(Ev::TotalOutage),
+            2 => any::<u8>().prop_map(Ev::Add),
+        ],
+        1..50,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever dies, in whatever order, seen by one side, both or neither, and however long
+    /// no path is left: once paths exist again, both sides get exactly the bytes the other's
+    /// sends accepted — once, in order, with their labels.
+    #[test]
+    fn any_outage_history_delivers_both_streams(h in history()) {
+        run_history(h);
+    }
+}
+
+fn run_history(h: Vec<Ev>) {
+    let labels = |l: u8| [Labels::NONE, Labels::ONDEMAND, Labels::BACKGROUND, Labels::SMALL][l as usize % 4];
+    let mut sim = Sim::new(strict_policy());
+    let mut next_id = 2;
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, cell(), 10 * MS, 500_000);
+    let (mut ab, mut ba) = (Stream::default(), Stream::default());
+    let pick = |sim: &Sim, i: u8| {
+        let ids: Vec<PathId> = sim.links.iter().filter(|(_, l)| !l.dead).map(|(&id, _)| id).collect();
+        (!ids.is_empty()).then(|| ids[i as usize % ids.len()])
+    };
+    for ev in h {
+        match ev {
+            Ev::SendA(n, l) => {
+                let data = payload(n, ab.bytes.len() as u8);
+                let k = match sim.a.send(&data, labels(l)) {
+                    Ok(k) => k,
+                    Err(SendError::Full | SendError::NoNetwork) => 0,
+                    Err(e) => panic!("a send: {e}"),
+                };
+                ab.push(&data[..k], labels(l));
+            }
+            Ev::SendB(n, l) => {
+                let data = payload(n, ba.bytes.len() as u8 ^ 0x55);
+                let k = sim.b_send_now(&data, labels(l));
+                ba.push(&data[..k], labels(l));
+            }
+            Ev::Run(ms) => sim.run_for(Duration::from_millis(ms as u64)),
+            Ev::Stall(i) | Ev::Unstall(i) => {
+                if let Some(id) = pick(&sim, i) {
+                    let up = matches!(ev, Ev::Unstall(_));
+                    let link = sim.links.get_mut(&id).unwrap();
+                    link.up_ab = up;
+                    link.up_ba = up;
+                }
+            }
+            Ev::DownAtA(i) | Ev::ResetAtB(i) | Ev::Silent(i) => {
+                if let Some(id) = pick(&sim, i) {
+                    sim.kill(id);
+                    match ev {
+                        Ev::DownAtA(_) => sim.a.remove_path(id, "network went down", sim.now),
+                        Ev::ResetAtB(_) => sim.b.remove_path(id, "reset", sim.now),
+                        _ => {}
+                    }
+                }
+            }
+            Ev::TotalOutage => sim.total_outage(),
+            Ev::Add(i) => {
+                next_id += 1;
+                let n = if i % 2 == 0 { wifi() } else { cell() };
+                sim.add_path(next_id, n, 15 * MS, 2_000_000);
+            }
+        }
+    }
+    // Heal: stalled connections move again, and a dials one fresh path per network.
+    for l in sim.links.values_mut() {
+        l.up_ab = true;
+        l.up_ba = true;
+    }
+    sim.add_path(100, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(101, cell(), 10 * MS, 500_000);
+    sim.run_until(Duration::from_secs(900), |s| {
+        s.got.len() >= ab.bytes.len() && s.a_got.len() >= ba.bytes.len() && s.a.all_acked() && s.b.all_acked()
+    });
+    assert!(sim.got == ab.bytes, "a to b: {} of {} bytes, not the same", sim.got.len(), ab.bytes.len());
+    assert!(sim.a_got == ba.bytes, "b to a: {} of {} bytes, not the same", sim.a_got.len(), ba.bytes.len());
+    assert_eq!(sim.got_labels, ab.labels);
+    assert_eq!(sim.a_got_labels, ba.labels);
 }
