@@ -3,12 +3,14 @@
 //!
 //! Each path has a reader task (bytes in → `handle_input`) and a writer task (`poll_transmit`
 //! → bytes out, vectored, the data chunk never copied). One timer task runs `handle_timeout`.
-//! On the connecting side a manager task keeps one path per (up network, remote address),
-//! closing paths whose network goes down and reopening with backoff. The session sits behind a
+//! On the connecting side a manager task feeds the scout's snapshots to the sans-IO
+//! [`PathManager`] and carries out what it says: one path per (up network, remote address),
+//! paths whose network goes down ended, redials with backoff, and the session ended when the
+//! peer is gone for good. The session sits behind a
 //! `std::sync::Mutex` held only for the synchronous calls, never across an await; callbacks and
 //! thunks run outside the lock, on blocking threads.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,14 +30,12 @@ use crate::connector::Connector;
 use crate::frame::{FrameDecoder, PathId, SessionId};
 use crate::multisocket::{Callbacks, PathEvent};
 use crate::net;
+use crate::path_manager::{Action, Outcome, PathKey, PathManager, net_key};
 use crate::session::{Event, Role, Session, SessionConfig, Transmit};
 use crate::thunk::{Thunk, Thunks};
 
 /// Longest a path may take from connect to WELCOME.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// First and longest wait before a failed path is dialled again.
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long an accepting session lives without any path before it is closed.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Unsent bytes a path socket may hold, at most and at least: the kernel's queue stays short,
@@ -47,9 +47,6 @@ struct PathIo {
     writer: Arc<Notify>,
     tasks: Vec<AbortHandle>,
     local: Option<SocketAddr>,
-    /// Connecting side: the local network (`name/interface`) and remote address it was
-    /// dialled for.
-    key: Option<(String, SocketAddr)>,
 }
 
 /// What the driver holds under its lock.
@@ -59,18 +56,14 @@ pub(crate) struct State {
     pub(crate) thunks: Thunks,
     armed: Option<Instant>,
     next_path: PathId,
-    /// After `reset`: no path is dialled until the next send.
-    pub(crate) reset_pending: bool,
+    /// Which paths to have (connecting side).
+    manager: PathManager,
     closing: bool,
-    connecting: HashSet<(String, SocketAddr)>,
-    backoff: HashMap<(String, SocketAddr), (Instant, Duration)>,
     pub(crate) last_error: Option<String>,
     orphan_since: Option<Instant>,
     background: Vec<AbortHandle>,
     /// Bytes sent and received by paths that have ended, per network name.
     pub(crate) ended: HashMap<String, (u64, u64)>,
-    /// Networks that were up at the last look at the scout.
-    seen_up: HashSet<String>,
     /// Told, under this lock, whenever `session.readable()` changes (the C API's eventfd).
     readable_hook: Option<ReadableHook>,
     last_readable: bool,
@@ -145,11 +138,6 @@ fn labels_served(session: &Session, path: PathId, network: &Network) -> Labels {
         .unwrap_or(Labels::NONE)
 }
 
-/// A network's identity in path keys: name and interface (unique in any snapshot).
-fn net_key(n: &Network) -> String {
-    format!("{}/{}", n.name, n.interface)
-}
-
 fn random_session_id() -> io::Result<SessionId> {
     use std::io::Read;
     let mut id = [0u8; 16];
@@ -181,15 +169,12 @@ impl CmmSocket {
                 thunks: Thunks::default(),
                 armed: None,
                 next_path: 1,
-                reset_pending: false,
+                manager: PathManager::new(remotes.clone()),
                 closing: false,
-                connecting: HashSet::new(),
-                backoff: HashMap::new(),
                 last_error: None,
                 orphan_since: None,
                 background: Vec::new(),
                 ended: HashMap::new(),
-                seen_up: HashSet::new(),
                 readable_hook: None,
                 last_readable: false,
             }),
@@ -267,6 +252,7 @@ impl CmmSocket {
             paths_changed = true;
             match e {
                 Event::PathUp { path, network } => {
+                    st.manager.path_established(path);
                     let labels = labels_served(&st.session, path, &network);
                     tracing::debug!(path, network = %network.name, %labels, "path up");
                     after.up.push(PathEvent { path, network, labels });
@@ -283,12 +269,13 @@ impl CmmSocket {
                             t.abort();
                         }
                     }
+                    st.manager.path_ended(path, Outcome::Failed, Instant::now());
                     let labels = kind_labels(&network);
                     after.down.push(PathEvent { path, network, labels });
                 }
                 Event::PathTroubled { path } => tracing::debug!(path, "path troubled: no acknowledgement"),
                 Event::PathRecovered { path } => tracing::debug!(path, "path recovered"),
-                Event::Closed { reason } => tracing::debug!("session closed by the peer: {reason}"),
+                Event::Closed { reason } => tracing::debug!("session closed: {reason}"),
             }
         }
         for (&id, p) in &st.paths {
@@ -355,7 +342,7 @@ impl CmmSocket {
         id: PathId,
         stream: TcpStream,
         initial: BytesMut,
-        key: Option<(String, SocketAddr)>,
+        key: Option<PathKey>,
         register: impl FnOnce(&mut State) -> bool,
     ) -> bool {
         let _ = stream.set_nodelay(true);
@@ -364,37 +351,51 @@ impl CmmSocket {
         let (rd, wr) = stream.into_split();
         let writer = Arc::new(Notify::new());
         self.mutate(|st| {
-            if let Some(k) = &key {
-                st.connecting.remove(k);
-            }
             if st.closing || !register(st) {
+                if let Some(k) = &key {
+                    st.manager.dial_abandoned(k);
+                }
                 return false;
+            }
+            if let Some(k) = &key {
+                st.manager.dial_connected(k.clone(), id);
             }
             let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
             let interface = key.as_ref().and_then(|(k, _)| k.split_once('/').map(|(_, i)| i.to_string()));
             let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial, interface));
-            st.paths
-                .insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local, key });
+            st.paths.insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local });
             true
         })
     }
 
     /// Ends path `id` (its socket failed, its network went down, or it broke the protocol).
     pub(crate) fn end_path(&self, id: PathId, reason: &str) {
+        self.end_path_with(id, reason, Outcome::Failed);
+    }
+
+    /// Ends path `id`; `outcome` says whether the peer closed or reset it.
+    fn end_path_with(&self, id: PathId, reason: &str, outcome: Outcome) {
         self.mutate(|st| {
             if let Some(io) = st.paths.remove(&id) {
                 for t in io.tasks {
                     t.abort();
                 }
-                if let Some(key) = io.key {
-                    let entry = st.backoff.entry(key).or_insert((Instant::now(), BACKOFF_MIN));
-                    entry.0 = Instant::now() + entry.1;
-                    entry.1 = (entry.1 * 2).min(BACKOFF_MAX);
-                }
             }
+            st.manager.path_ended(id, outcome, Instant::now());
             st.session.remove_path(id, reason, Instant::now());
+            Self::check_peer(st);
         });
         self.manager.notify_one();
+    }
+
+    /// Ends the session when the path manager says the peer is gone for good.
+    fn check_peer(st: &mut State) {
+        if st.session.closed().is_none()
+            && let Some(why) = st.manager.peer_gone()
+        {
+            tracing::info!("{why}: the multi-socket is reset");
+            st.session.abort(&why);
+        }
     }
 
     /// Adds a path the listener accepted (its HELLO already read).
@@ -416,58 +417,27 @@ impl CmmSocket {
 
     /// Opens the paths the scout says should exist, and ends those whose network is down.
     fn reconcile(self: &Arc<Self>, snap: &Snapshot) {
-        let mut to_end = Vec::new();
-        let mut to_open = Vec::new();
-        {
+        let actions = {
             let mut st = self.lock();
-            if st.closing {
+            if st.closing || st.session.closed().is_some() {
                 return;
             }
-            for (&id, io) in &st.paths {
-                if let Some((key, _)) = &io.key {
-                    let now = snap.networks.iter().find(|n| &net_key(n) == key);
-                    if now.is_none_or(|n| !n.up) {
-                        let why = now.and_then(|n| n.down_reason.clone()).unwrap_or_else(|| "gone".into());
-                        to_end.push((id, format!("network {key} went down: {why}")));
-                    }
+            st.manager.reconcile(snap, Instant::now())
+        };
+        for action in actions {
+            match action {
+                Action::End { path, reason } => self.end_path(path, &reason),
+                Action::Dial { network, remote, settle } => {
+                    self.runtime.spawn(dial(self.clone(), *network, remote, settle));
                 }
             }
-            // A network that has just come (back) up is dialled at once, whatever the backoff
-            // its failures while it was down built up.
-            let up_now: HashSet<String> = snap.up().map(net_key).collect();
-            for key in up_now.difference(&st.seen_up).cloned().collect::<Vec<_>>() {
-                st.backoff.retain(|(k, _), _| *k != key);
-            }
-            st.seen_up = up_now;
-            if !st.reset_pending {
-                let now = Instant::now();
-                let open: HashSet<(String, SocketAddr)> =
-                    st.paths.values().filter_map(|p| p.key.clone()).collect();
-                for n in snap.up() {
-                    for &remote in &self.remotes {
-                        let key = (net_key(n), remote);
-                        let family_ok = n.addresses.iter().any(|a| a.is_ipv4() == remote.is_ipv4());
-                        let waiting = st.backoff.get(&key).is_some_and(|(at, _)| now < *at);
-                        if family_ok && !open.contains(&key) && !st.connecting.contains(&key) && !waiting {
-                            st.connecting.insert(key);
-                            to_open.push((n.clone(), remote));
-                        }
-                    }
-                }
-            }
-        }
-        for (id, why) in to_end {
-            self.end_path(id, &why);
-        }
-        for (network, remote) in to_open {
-            self.runtime.spawn(dial(self.clone(), network, remote));
         }
     }
 
     /// Drops every path; the next send dials again (libcmm's `cmm_reset`).
     pub(crate) fn reset(&self) {
         let ids: Vec<PathId> = self.mutate(|st| {
-            st.reset_pending = true;
+            st.manager.pause();
             st.paths.keys().copied().collect()
         });
         for id in ids {
@@ -477,8 +447,7 @@ impl CmmSocket {
 
     /// Leaves the reset state (a send or check needs the network again).
     pub(crate) fn resume_after_reset(&self, st: &mut State) {
-        if st.reset_pending {
-            st.reset_pending = false;
+        if st.manager.resume() {
             self.manager.notify_one();
         }
     }
@@ -568,13 +537,10 @@ impl CmmSocket {
     }
 }
 
-async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
+async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr, settle: bool) {
     let key = (net_key(&network), remote);
-    // The first dial since the network came up (no backoff yet) gets a few round trips: its
-    // first SYN may be lost, and then a fresh socket at once beats the kernel's retransmission.
     let full = sock.connector.connect_timeout();
-    let first = !sock.lock().backoff.contains_key(&key);
-    let timeout = if first { crate::connector::settle_timeout(Some(&network), full) } else { full };
+    let timeout = if settle { crate::connector::settle_timeout(Some(&network), full) } else { full };
     match net::connect(remote, Some(&network), timeout).await {
         Ok(stream) => {
             let id = {
@@ -600,17 +566,12 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr) {
         }
         Err(e) => {
             tracing::debug!(network = %network.name, %remote, "dial failed: {e}");
+            let outcome =
+                if e.kind() == io::ErrorKind::ConnectionRefused { Outcome::Refused } else { Outcome::Failed };
             sock.mutate(|st| {
-                st.connecting.remove(&key);
-                if first && timeout < full {
-                    // Try again at once, with the full timeout.
-                    st.backoff.insert(key, (Instant::now(), BACKOFF_MIN));
-                    return;
-                }
-                let entry = st.backoff.entry(key).or_insert((Instant::now(), BACKOFF_MIN));
-                entry.0 = Instant::now() + entry.1;
-                entry.1 = (entry.1 * 2).min(BACKOFF_MAX);
+                st.manager.dial_failed(&key, settle && timeout < full, outcome, Instant::now());
                 st.last_error = Some(format!("connect to {remote} via {}: {e}", network.interface));
+                CmmSocket::check_peer(st);
             });
         }
     }
@@ -657,6 +618,15 @@ async fn timer_loop(sock: Arc<CmmSocket>) {
                 }
             }
         }
+    }
+}
+
+/// A path's socket error, as evidence about the peer: a reset says its host no longer knows
+/// the connection.
+fn outcome_of(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Outcome::Refused,
+        _ => Outcome::Failed,
     }
 }
 
@@ -714,12 +684,12 @@ async fn read_loop(
         }
         match rd.read_buf(decoder.read_buffer(READ)).await {
             Ok(0) => {
-                sock.end_path(id, "closed by the peer");
+                sock.end_path_with(id, "closed by the peer", Outcome::Refused);
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                sock.end_path(id, &e.to_string());
+                sock.end_path_with(id, &e.to_string(), outcome_of(&e));
                 return;
             }
         }
@@ -763,13 +733,13 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
             continue;
         }
         if let Err(e) = write_all_vectored(&mut wr, &batch).await {
-            sock.end_path(id, &format!("write failed: {e}"));
+            sock.end_path_with(id, &format!("write failed: {e}"), outcome_of(&e));
             return;
         }
         batch.clear();
         // Writable again only once the kernel's unsent bytes are below the low-water mark.
         if let Err(e) = wr.as_ref().writable().await {
-            sock.end_path(id, &format!("write failed: {e}"));
+            sock.end_path_with(id, &format!("write failed: {e}"), outcome_of(&e));
             return;
         }
     }

@@ -29,6 +29,7 @@ pub mod frame;
 pub mod listener;
 pub mod multisocket;
 pub mod net;
+pub mod path_manager;
 pub mod plain;
 pub mod session;
 pub mod target;

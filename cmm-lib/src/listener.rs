@@ -2,7 +2,9 @@
 //!
 //! Every TCP connection must open with HELLO (within a timeout). The session it names decides
 //! where it goes: a session seen for the first time becomes a new [`MultiSocket`], which
-//! [`Listener::accept`] returns; a known one gets the connection as one more path. The
+//! [`Listener::accept`] returns; a known one gets the connection as one more path; a path that
+//! joins a session this listener does not know (its process restarted) is refused with CLOSE,
+//! so the peer fails at once instead of losing what the old process had received. The
 //! accepting side never dials, so the peer may sit behind NAT.
 
 use std::collections::HashMap;
@@ -11,15 +13,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::connector::Connector;
 use crate::driver::CmmSocket;
-use crate::frame::{FrameDecoder, SessionId};
+use crate::frame::{Frame, FrameDecoder, SessionId};
 use crate::multisocket::MultiSocket;
-use crate::session::{network_from_info, read_hello};
+use crate::session::{Hello, network_from_info, read_hello};
 
 /// How long a new connection may take to say HELLO.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,9 +131,24 @@ async fn attach(
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time"))??;
-    let (id, path, info) = hello;
+    let Hello { session: id, path, join, network: info } = hello;
     let rest = decoder.take_buffered();
     let network = network_from_info(&info, path);
+    let known = {
+        let map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&id).and_then(Weak::upgrade)
+    };
+    if known.is_none() && join {
+        // The peer's session worked before, with a process that is gone: starting it afresh
+        // would lose whatever that one had received. Say so, so the peer fails at once.
+        let mut out = bytes::BytesMut::new();
+        Frame::Close { code: 1, reason: "unknown session".into() }.encode(&mut out);
+        let _ = tokio::time::timeout(HELLO_TIMEOUT, stream.write_all(&out)).await;
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "a path joins a session this listener does not know",
+        ));
+    }
     let (sock, new) = {
         let mut map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match map.get(&id).and_then(Weak::upgrade) {

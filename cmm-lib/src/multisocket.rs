@@ -112,6 +112,16 @@ fn send_error(e: SendError) -> io::Error {
         SendError::Full => io::ErrorKind::WouldBlock.into(),
         SendError::Shutdown => io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()),
         SendError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
+        SendError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
+    }
+}
+
+/// A closed session as an I/O error (`WouldBlock` is not one; callers wait on it).
+fn recv_error(e: RecvError) -> io::Error {
+    match e {
+        RecvError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
+        RecvError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
+        RecvError::WouldBlock => io::ErrorKind::WouldBlock.into(),
     }
 }
 
@@ -277,8 +287,8 @@ impl MultiSocket {
             notified.as_mut().enable();
             match s.mutate(|st| st.session.recv_bytes(max)) {
                 Ok(r) => return Ok(r),
-                Err(RecvError::Closed(r)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
                 Err(RecvError::WouldBlock) => notified.await,
+                Err(e) => return Err(recv_error(e)),
             }
         }
     }
@@ -319,8 +329,8 @@ impl MultiSocket {
             notified.as_mut().enable();
             match s.mutate(|st| st.session.recv(buf)) {
                 Ok(r) => return Ok(r),
-                Err(RecvError::Closed(r)) => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
                 Err(RecvError::WouldBlock) => notified.await,
+                Err(e) => return Err(recv_error(e)),
             }
         }
     }
@@ -329,11 +339,7 @@ impl MultiSocket {
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<(usize, Labels)> {
         match self.mode() {
             Mode::Plain(p) => p.try_recv(buf),
-            Mode::Cmm(s) => match s.mutate(|st| st.session.recv(buf)) {
-                Ok(r) => Ok(r),
-                Err(RecvError::Closed(r)) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, r)),
-                Err(RecvError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
-            },
+            Mode::Cmm(s) => s.mutate(|st| st.session.recv(buf)).map_err(recv_error),
         }
     }
 

@@ -331,3 +331,124 @@ async fn plain_mode_talks_to_ordinary_servers_and_redials_after_reset() {
         .expect("refused");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+/// A cmm server in a runtime of its own, so that it can vanish at once as a process that
+/// exits does: every path closed by the kernel, nothing said, its port refusing.
+struct Server {
+    rt: Option<tokio::runtime::Runtime>,
+    addr: std::net::SocketAddr,
+}
+
+impl Server {
+    fn start(addr: std::net::SocketAddr) -> Server {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let connector =
+                Connector::new(Scout::manual(vec![]), Arc::new(Policy::default()), Duration::from_secs(2));
+            // The port of a process that just exited may take a moment to be free.
+            let mut tries = 0;
+            let listener = loop {
+                match Listener::bind(addr, connector.clone()).await {
+                    Ok(l) => break l,
+                    Err(e) if tries < 100 => {
+                        tries += 1;
+                        eprintln!("bind {addr}: {e}; again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("bind {addr}: {e}"),
+                }
+            };
+            tx.send(listener.local_addr()).unwrap();
+            // Echo every multi-socket, as long as the runtime lives.
+            loop {
+                let ms = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok((n, l)) = ms.recv(&mut buf).await {
+                        if n == 0 || ms.send(&buf[..n], l).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Server { rt: Some(rt), addr }
+    }
+
+    fn crash(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+async fn echo_once(client: &MultiSocket, msg: &[u8]) {
+    client.send(msg, Labels::ONDEMAND).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while got.len() < msg.len() {
+        let (n, _) =
+            tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, msg);
+}
+
+#[tokio::test]
+async fn a_peer_that_exits_is_noticed_within_seconds() {
+    let mut server = Server::start("127.0.0.1:0".parse().unwrap());
+    let scout = Scout::manual(networks());
+    let connector = Connector::new(scout, Arc::new(Policy::default()), Duration::from_secs(2));
+    let client =
+        MultiSocket::connect(&connector, server.addr, Labels::NONE, Callbacks::default()).await.unwrap();
+    wait_for(|| client.paths().iter().filter(|p| p.established).count() == 2).await;
+    echo_once(&client, b"hello").await;
+    // The server's process is gone: its paths closed, its port refusing every redial.
+    let t0 = std::time::Instant::now();
+    server.crash();
+    let mut buf = [0u8; 64];
+    let r =
+        tokio::time::timeout(Duration::from_secs(30), client.recv(&mut buf)).await.expect("a read returns");
+    let err = r.expect_err("no data can come from a peer that is gone");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("the peer is gone"), "{err}");
+    eprintln!("the lost peer was noticed after {:?}", t0.elapsed());
+    // Sends fail too, at once.
+    let e = tokio::time::timeout(Duration::from_secs(5), client.send(b"x", Labels::ONDEMAND))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
+#[tokio::test]
+async fn a_restarted_peer_refuses_the_old_session_rather_than_lose_its_bytes() {
+    let mut server = Server::start("127.0.0.1:0".parse().unwrap());
+    let addr = server.addr;
+    let scout = Scout::manual(networks());
+    let connector = Connector::new(scout, Arc::new(Policy::default()), Duration::from_secs(2));
+    let client = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+    wait_for(|| client.paths().iter().filter(|p| p.established).count() == 2).await;
+    echo_once(&client, b"before").await;
+    server.crash();
+    // A new process on the same port knows nothing of the session.
+    let _restarted = Server::start(addr);
+    let mut buf = [0u8; 64];
+    let r =
+        tokio::time::timeout(Duration::from_secs(30), client.recv(&mut buf)).await.expect("a read returns");
+    let err = r.expect_err("the session cannot go on");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("refused the session"), "{err}");
+    // A new multi-socket to it works.
+    let fresh = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+    echo_once(&fresh, b"after").await;
+}
