@@ -14,6 +14,12 @@
  * Failures return -1 (CMM_FAILED) and set errno; an unknown descriptor gives EBADF.
  * The library never raises SIGPIPE: a peer that vanished is an error on the path, not a signal
  * that kills the program.
+ *
+ * Networks may all go at once: the multi-socket stays, everything a send accepted is delivered
+ * once a network is back, and blocked calls wait (within their timeouts). When the peer itself
+ * is gone — every path closed or reset by it and every redial refused, on every network that is
+ * up, or a restarted peer that no longer knows the session — reads return what had arrived,
+ * then fail with ECONNRESET, and sends fail with ECONNRESET, within about a second or two.
  * Build and link: see cmm-lib/README.md (pkg-config --cflags --libs libcmm).
  */
 #ifndef LIBCMM_H

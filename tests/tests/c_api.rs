@@ -105,6 +105,11 @@ const RESTORE_WIFI: &str = "ip link set wifi0 up && ip addr replace 10.1.0.2/24 
     && ip route replace default via 10.1.0.1 dev wifi0 metric 100 \
     && ip -6 route replace default via fd01::1 dev wifi0 metric 100";
 
+const RESTORE_CELL: &str = "ip link set cell0 up && ip addr replace 10.2.0.2/24 dev cell0 \
+    && ip addr replace fd02::2/64 dev cell0 nodad \
+    && ip route replace default via 10.2.0.1 dev cell0 metric 200 \
+    && ip -6 route replace default via fd02::1 dev cell0 metric 200";
+
 /// Bytes sent on a client uplink, from its TBF qdisc.
 fn uplink_bytes(lab: &Lab, dev: &str) -> u64 {
     let out = lab.run(&lab.client(), "tc", &["-s", "qdisc", "show", "dev", dev]);
@@ -198,4 +203,45 @@ fn c_programs_are_clean_under_valgrind() {
         return;
     }
     run_c_programs("c_programs_are_clean_under_valgrind", true);
+}
+
+/// The issue-11 scenario: a C client on one multi-socket loses every network at once (admin),
+/// again and again; a message its resume handler sends once they return must reach the server
+/// every time — the server still believes in its old paths meanwhile.
+#[test]
+fn c_client_outlives_total_outages() {
+    let Some(lab) = Lab::new("c_client_outlives_total_outages") else { return };
+    let (server_bin, client_bin) = (lab.dir().join("server"), lab.dir().join("outage_client"));
+    compile("server.c", &server_bin);
+    compile("outage_client.c", &client_bin);
+    let log = std::env::var("CMM_TEST_LOG").unwrap_or_else(|_| "cmm=debug".into());
+    let mut cmd = lab.command(&lab.server(), &server_bin);
+    cmd.arg("7101").env("RUST_LOG", &log);
+    let server = lab.spawn_command(cmd);
+    server.wait_for_line("listening on 7101", Duration::from_secs(60));
+    let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
+    let rounds = std::env::var("CMM_ROUNDS").unwrap_or_else(|_| "5".into());
+    let out = lab
+        .command(&lab.client(), &client_bin)
+        .args(["10.3.0.2", "7101"])
+        .env("CMM_CONFIG", &config)
+        .env("CMM_CUT", "ip link set wifi0 down && ip link set cell0 down")
+        .env("CMM_RESTORE", format!("{RESTORE_WIFI} && {RESTORE_CELL}"))
+        .env("CMM_ROUNDS", &rounds)
+        .env("RUST_LOG", &log)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "client failed ({:?}):\n{stdout}\n{stderr}\nserver (exited: {:?}):\n{}",
+        out.status,
+        server.exited(),
+        server.output()
+    );
+    assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
+    server.wait_for_line("end of stream", Duration::from_secs(60));
+    let status = server.wait_exit(Duration::from_secs(60)).expect("server exits");
+    assert!(status.success(), "server: {status:?}\n{}", server.output());
 }
