@@ -37,6 +37,17 @@ use crate::trickle::{Direction, Trickler};
 /// DATA frames received on a path before an acknowledgement goes out at once.
 const ACK_EVERY: u32 = 8;
 
+/// Received pieces shorter than this are copied out of the read buffer they came in (a small
+/// slice must not keep a large buffer alive), and in-order ones of the same labels are joined,
+/// so the memory that received bytes hold stays close to their number however a peer cuts
+/// them (quinn's `Assembler` counts allocated against buffered bytes for the same reason).
+const COPY_BELOW: usize = 32 * 1024;
+/// Largest joined run of small in-order pieces.
+const JOIN_MAX: usize = 64 * 1024;
+/// Most out-of-order pieces held; more are dropped unacknowledged (the sender resends them),
+/// so a peer sending tiny pieces with gaps cannot grow the reassembly map without bound.
+const MAX_OUT_OF_ORDER: usize = 4096;
+
 /// The receive window every session starts with, before the peer's first ACK widens it.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
 
@@ -346,6 +357,8 @@ pub struct Session {
     rx_cumulative: u64,
     rx_ooo: BTreeMap<u64, (Bytes, Labels)>,
     ready: VecDeque<(Bytes, Labels)>,
+    /// Small in-order pieces being joined; read after `ready`.
+    ready_tail: Option<(BytesMut, Labels)>,
     consumed: u64,
     advertised: u64,
     last_window_update: u64,
@@ -383,6 +396,7 @@ impl Session {
             rx_cumulative: 0,
             rx_ooo: BTreeMap::new(),
             ready: VecDeque::new(),
+            ready_tail: None,
             consumed: 0,
             advertised,
             last_window_update: 0,
@@ -638,6 +652,7 @@ impl Session {
     /// Reads the next bytes, all with the same labels (a read never mixes two senders' labels).
     /// `Ok((0, _))` is the end of the stream.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<(usize, Labels), RecvError> {
+        self.flush_tail();
         let Some((_, labels)) = self.ready.front() else {
             if self.peer_fin == Some(self.rx_cumulative) {
                 return Ok((0, Labels::NONE));
@@ -669,6 +684,7 @@ impl Session {
     /// with the same labels, shared with the receive buffer. An empty result is the end of the
     /// stream.
     pub fn recv_bytes(&mut self, max: usize) -> Result<(Bytes, Labels), RecvError> {
+        self.flush_tail();
         let Some((data, labels)) = self.ready.front_mut() else {
             if self.peer_fin == Some(self.rx_cumulative) {
                 return Ok((Bytes::new(), Labels::NONE));
@@ -688,12 +704,15 @@ impl Session {
 
     /// Whether `recv` would give something (data, or the end of the stream).
     pub fn readable(&self) -> bool {
-        !self.ready.is_empty() || self.peer_fin == Some(self.rx_cumulative) || self.closed.is_some()
+        !self.ready.is_empty()
+            || self.ready_tail.is_some()
+            || self.peer_fin == Some(self.rx_cumulative)
+            || self.closed.is_some()
     }
 
     /// Whether the peer ended its stream and everything before the end was read.
     pub fn read_closed(&self) -> bool {
-        self.ready.is_empty() && self.peer_fin == Some(self.rx_cumulative)
+        self.ready.is_empty() && self.ready_tail.is_none() && self.peer_fin == Some(self.rx_cumulative)
     }
 
     /// Ends our stream after what was sent (half-close). Idempotent.
@@ -940,7 +959,12 @@ impl Session {
             pieces.push((cursor, end));
         }
         for (s, e) in pieces {
+            if s != self.rx_cumulative && self.rx_ooo.len() >= MAX_OUT_OF_ORDER {
+                // Not acknowledged, so the sender resends it.
+                continue;
+            }
             let slice = data.slice((s - start) as usize..(e - start) as usize);
+            let slice = if slice.len() < COPY_BELOW { Bytes::copy_from_slice(&slice) } else { slice };
             self.rx_ooo.insert(s, (slice, labels));
         }
         while let Some(entry) = self.rx_ooo.first_entry() {
@@ -949,8 +973,40 @@ impl Session {
             }
             let (bytes, l) = entry.remove();
             self.rx_cumulative += bytes.len() as u64;
-            self.ready.push_back((bytes, l));
+            self.push_ready(bytes, l);
         }
+    }
+
+    /// Queues in-order bytes for the application, joining small pieces of the same labels.
+    fn push_ready(&mut self, bytes: Bytes, labels: Labels) {
+        if bytes.len() >= COPY_BELOW {
+            self.flush_tail();
+            self.ready.push_back((bytes, labels));
+            return;
+        }
+        if let Some((tail, l)) = &mut self.ready_tail
+            && *l == labels
+            && tail.len() + bytes.len() <= JOIN_MAX
+        {
+            tail.extend_from_slice(&bytes);
+            return;
+        }
+        self.flush_tail();
+        let mut tail = BytesMut::with_capacity(bytes.len().max(4096));
+        tail.extend_from_slice(&bytes);
+        self.ready_tail = Some((tail, labels));
+    }
+
+    fn flush_tail(&mut self) {
+        if let Some((tail, labels)) = self.ready_tail.take() {
+            self.ready.push_back((tail.freeze(), labels));
+        }
+    }
+
+    /// Pieces of received data held now (in order and out of order): what a peer cutting its
+    /// data small could try to multiply.
+    pub fn held_pieces(&self) -> usize {
+        self.ready.len() + usize::from(self.ready_tail.is_some()) + self.rx_ooo.len()
     }
 
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {

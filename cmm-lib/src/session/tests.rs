@@ -1114,3 +1114,41 @@ fn run_history(h: Vec<Ev>) {
     assert_eq!(sim.got_labels, ab.labels);
     assert_eq!(sim.a_got_labels, ba.labels);
 }
+
+#[test]
+fn tiny_pieces_cannot_multiply_what_the_receiver_holds() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Accepting, SessionId([3; 16]), SessionConfig::default(), policy());
+    b.add_path(1, wifi(), now);
+    let frame = |offset: u64, byte: u8| {
+        let mut out = BytesMut::new();
+        Frame::Data { offset, labels: Labels::NONE, data: Bytes::from(vec![byte]) }.encode(&mut out);
+        out
+    };
+    // 200,000 one-byte frames in order, each in a read buffer of its own, nobody reading:
+    // joined into a handful of pieces, none of them keeping a read buffer alive.
+    for i in 0..200_000u64 {
+        let mut read_buffer = BytesMut::with_capacity(256 * 1024);
+        read_buffer.extend_from_slice(&frame(i, i as u8));
+        b.handle_input_owned(1, read_buffer, now).unwrap();
+    }
+    assert!(b.held_pieces() <= 4, "{} pieces held", b.held_pieces());
+    // Then one-byte pieces with gaps: at most MAX_OUT_OF_ORDER are kept.
+    for i in 0..20_000u64 {
+        b.handle_input(1, &frame(200_001 + 2 * i, 7), now).unwrap();
+    }
+    assert!(b.held_pieces() <= MAX_OUT_OF_ORDER + 4, "{} pieces held", b.held_pieces());
+    // Everything in order reads back intact, and the first gap filled delivers what it joins.
+    b.handle_input(1, &frame(200_000, 9), now).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok((n, _)) = b.recv(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), 200_002);
+    assert!(got[..200_000].iter().enumerate().all(|(i, &v)| v == i as u8));
+    assert_eq!(&got[200_000..], &[9, 7]);
+}
