@@ -117,6 +117,30 @@ fn uplink_bytes(lab: &Lab, dev: &str) -> u64 {
     text.split_whitespace().skip_while(|w| *w != "Sent").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
+/// Runs a C client to its end; it must succeed. Returns its standard output. A failure shows
+/// both sides' output (and the library's log in it).
+fn run_client(mut cmd: Command, server: &cmm_lab::Proc) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "client failed ({:?}):\n{stdout}\n{stderr}\nserver (exited: {:?}):\n{}",
+        out.status,
+        server.exited(),
+        server.output()
+    );
+    stdout
+}
+
+/// The C server saw the end of the stream and exited cleanly (under valgrind: without invalid
+/// accesses or definite leaks).
+fn server_ends_cleanly(server: &cmm_lab::Proc) {
+    server.wait_for_line("end of stream", Duration::from_secs(60));
+    let status = server.wait_exit(Duration::from_secs(60)).expect("server exits");
+    assert!(status.success(), "server: {status:?}\n{}", server.output());
+}
+
 fn run_c_programs(test: &str, valgrind: bool) {
     let Some(lab) = Lab::new(test) else { return };
     let (server_bin, client_bin) = (lab.dir().join("server"), lab.dir().join("client"));
@@ -152,24 +176,13 @@ fn run_c_programs(test: &str, valgrind: bool) {
     let wifi_before = uplink_bytes(&lab, "wifi0");
     let (prog, mut args) = vg(&client_bin);
     args.extend(["10.3.0.2".into(), "7100".into()]);
-    let out = lab
-        .command(&lab.client(), &prog)
-        .args(&args)
+    let mut cmd = lab.command(&lab.client(), &prog);
+    cmd.args(&args)
         .env("CMM_CONFIG", &config)
         .env("CMM_CUT", "ip link set wifi0 down")
         .env("CMM_RESTORE", RESTORE_WIFI)
-        .env("RUST_LOG", &log)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "client failed ({:?}):\n{stdout}\n{stderr}\nserver (exited: {:?}):\n{}",
-        out.status,
-        server.exited(),
-        server.output()
-    );
+        .env("RUST_LOG", &log);
+    let stdout = run_client(cmd, &server);
     for line in [
         "got 5 bytes labelled 0x4",
         "got 200000 bytes labelled 0x8",
@@ -185,9 +198,7 @@ fn run_c_programs(test: &str, valgrind: bool) {
     assert!(uplink_bytes(&lab, "wifi0") - wifi_before > 200_000);
     // The server saw the end of the stream and closed cleanly (and, under valgrind, without
     // invalid accesses or definite leaks).
-    server.wait_for_line("end of stream", Duration::from_secs(60));
-    let status = server.wait_exit(Duration::from_secs(60)).expect("server exits");
-    assert!(status.success(), "server: {status:?}\n{}", server.output());
+    server_ends_cleanly(&server);
 }
 
 #[test]
@@ -221,27 +232,14 @@ fn c_client_outlives_total_outages() {
     server.wait_for_line("listening on 7101", Duration::from_secs(60));
     let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
     let rounds = std::env::var("CMM_ROUNDS").unwrap_or_else(|_| "5".into());
-    let out = lab
-        .command(&lab.client(), &client_bin)
-        .args(["10.3.0.2", "7101"])
+    let mut cmd = lab.command(&lab.client(), &client_bin);
+    cmd.args(["10.3.0.2", "7101"])
         .env("CMM_CONFIG", &config)
         .env("CMM_CUT", "ip link set wifi0 down && ip link set cell0 down")
         .env("CMM_RESTORE", format!("{RESTORE_WIFI} && {RESTORE_CELL}"))
         .env("CMM_ROUNDS", &rounds)
-        .env("RUST_LOG", &log)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "client failed ({:?}):\n{stdout}\n{stderr}\nserver (exited: {:?}):\n{}",
-        out.status,
-        server.exited(),
-        server.output()
-    );
+        .env("RUST_LOG", &log);
+    let stdout = run_client(cmd, &server);
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
-    server.wait_for_line("end of stream", Duration::from_secs(60));
-    let status = server.wait_exit(Duration::from_secs(60)).expect("server exits");
-    assert!(status.success(), "server: {status:?}\n{}", server.output());
+    server_ends_cleanly(&server);
 }

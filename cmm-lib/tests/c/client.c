@@ -21,9 +21,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#define FAIL(...) do { fprintf(stderr, "client: " __VA_ARGS__); fprintf(stderr, " (errno %d: %s)\n", errno, strerror(errno)); exit(1); } while (0)
+#include "client_util.h"
 
-static atomic_int ups, downs, deleted;
+static atomic_int ups, downs;
 static int thunk_pipe[2];
 
 static int on_up(mc_socket_t s, unsigned long labels, void *arg) {
@@ -51,45 +51,6 @@ static void resume_send(void *arg) {
     char c = (char)r->id;
     if (write(thunk_pipe[1], &c, 1) != 1) FAIL("pipe");
     free(r);
-}
-
-static void never_runs(void *arg) { (void)arg; FAIL("a cancelled thunk ran"); }
-static void deleter(void *arg) { atomic_fetch_add(&deleted, 1); free(arg); }
-
-static void wait_until(atomic_int *v, int at_least, const char *what) {
-    for (int i = 0; i < 600 && atomic_load(v) < at_least; i++) usleep(50 * 1000);
-    if (atomic_load(v) < at_least) FAIL("%s: %d, wanted %d", what, atomic_load(v), at_least);
-}
-
-static void send_message(mc_socket_t s, size_t len, unsigned long labels) {
-    char *buf = malloc(len + 4);
-    uint32_t n = htonl((uint32_t)len);
-    memcpy(buf, &n, 4);
-    memset(buf + 4, 'x', len);
-    /* Header and payload as two iovecs: one labelled send. */
-    struct iovec iov[2] = {{buf, 4}, {buf + 4, len}};
-    int sent = cmm_writev(s, iov, 2, labels, NULL, NULL);
-    if (sent != (int)(len + 4)) FAIL("writev sent %d of %zu", sent, len + 4);
-    free(buf);
-}
-
-static void expect_reply(mc_socket_t s, size_t len, unsigned long labels) {
-    char line[128];
-    size_t got = 0;
-    unsigned long l = 0;
-    while (got == 0 || line[got - 1] != '\n') {
-        ssize_t k = cmm_read(s, line + got, 1, &l);
-        if (k != 1) FAIL("read reply");
-        got++;
-        if (got == sizeof line) FAIL("reply too long");
-    }
-    line[got] = 0;
-    char want[128];
-    snprintf(want, sizeof want, "got %zu bytes labelled 0x%lx\n", len, labels);
-    if (strcmp(line, want) != 0) FAIL("reply %s, wanted %s", line, want);
-    if (l != labels) FAIL("reply labelled 0x%lx, wanted 0x%lx", l, labels);
-    printf("%s", line);
-    fflush(stdout);
 }
 
 int main(int argc, char **argv) {

@@ -21,9 +21,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FAIL(...) do { fprintf(stderr, "client: " __VA_ARGS__); fprintf(stderr, " (errno %d: %s)\n", errno, strerror(errno)); exit(1); } while (0)
+#include "client_util.h"
 
-static atomic_int ups, downs, deleted, resumed;
+static atomic_int ups, downs, resumed;
 static atomic_long resumed_sent;
 
 static int on_up(mc_socket_t s, unsigned long labels, void *arg) {
@@ -57,43 +57,12 @@ static void resume_send(void *arg) {
     free(r);
 }
 
-static void never_runs(void *arg) { (void)arg; FAIL("a cancelled thunk ran"); }
-static void deleter(void *arg) { atomic_fetch_add(&deleted, 1); free(arg); }
-
-static void wait_until(atomic_int *v, int at_least, const char *what) {
-    for (int i = 0; i < 1200 && atomic_load(v) < at_least; i++) usleep(50 * 1000);
-    if (atomic_load(v) < at_least) FAIL("%s: %d, wanted %d", what, atomic_load(v), at_least);
-}
-
-static void send_message(mc_socket_t s, size_t len, unsigned long labels) {
-    char *buf = malloc(len + 4);
-    uint32_t n = htonl((uint32_t)len);
-    memcpy(buf, &n, 4);
-    memset(buf + 4, 'x', len);
-    struct iovec iov[2] = {{buf, 4}, {buf + 4, len}};
-    int sent = cmm_writev(s, iov, 2, labels, NULL, NULL);
-    if (sent != (int)(len + 4)) FAIL("writev sent %d of %zu", sent, len + 4);
-    free(buf);
-}
-
-static void expect_reply(mc_socket_t s, size_t len, unsigned long labels, int wait_ms) {
+/* Waits (cmm_poll) for the answer to a message, then checks it. */
+static void await_reply(mc_socket_t s, size_t len, unsigned long labels, int wait_ms) {
     struct pollfd p = {.fd = s, .events = POLLIN};
     if (cmm_poll(&p, 1, wait_ms) < 1 || !(p.revents & POLLIN))
         FAIL("no answer to the %zu-byte message labelled 0x%lx within %d ms", len, labels, wait_ms);
-    char line[128];
-    size_t got = 0;
-    unsigned long l = 0;
-    while (got == 0 || line[got - 1] != '\n') {
-        ssize_t k = cmm_read(s, line + got, 1, &l);
-        if (k != 1) FAIL("read reply");
-        got++;
-        if (got == sizeof line) FAIL("reply too long");
-    }
-    line[got] = 0;
-    char want[128];
-    snprintf(want, sizeof want, "got %zu bytes labelled 0x%lx\n", len, labels);
-    if (strcmp(line, want) != 0) FAIL("reply %s, wanted %s", line, want);
-    if (l != labels) FAIL("reply labelled 0x%lx, wanted 0x%lx", l, labels);
+    expect_reply(s, len, labels);
 }
 
 int main(int argc, char **argv) {
@@ -112,9 +81,9 @@ int main(int argc, char **argv) {
     for (int round = 1; round <= rounds; round++) {
         /* 1. Labelled messages. */
         send_message(s, 5, CMM_LABEL_ONDEMAND);
-        expect_reply(s, 5, CMM_LABEL_ONDEMAND, 30000);
+        await_reply(s, 5, CMM_LABEL_ONDEMAND, 30000);
         send_message(s, 100000, CMM_LABEL_BACKGROUND | CMM_LABEL_LARGE);
-        expect_reply(s, 100000, CMM_LABEL_BACKGROUND | CMM_LABEL_LARGE, 30000);
+        await_reply(s, 100000, CMM_LABEL_BACKGROUND | CMM_LABEL_LARGE, 30000);
 
         /* 2. Every network goes. */
         int downs_before = atomic_load(&downs);
@@ -145,7 +114,7 @@ int main(int argc, char **argv) {
         wait_until(&resumed, resumed_before + 1, "the resume handler");
         if (atomic_load(&resumed_sent) != (long)(len + 4))
             FAIL("the handler's send returned %ld, wanted %zu", atomic_load(&resumed_sent), len + 4);
-        expect_reply(s, len, CMM_LABEL_BACKGROUND, 30000);
+        await_reply(s, len, CMM_LABEL_BACKGROUND, 30000);
         /* Both networks back before the next round's cut. */
         wait_until(&ups, atomic_load(&downs) + paths, "label_up for every network");
         printf("round %d ok\n", round);
