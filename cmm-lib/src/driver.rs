@@ -26,9 +26,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use crate::api::{Callbacks, PathEvent};
 use crate::connector::Connector;
 use crate::frame::{FrameDecoder, PathId, SessionId};
-use crate::multisocket::{Callbacks, PathEvent};
 use crate::net;
 use crate::path_manager::{Action, Outcome, PathKey, PathManager, net_key};
 use crate::session::{Event, Role, Session, SessionConfig, Transmit};

@@ -8,6 +8,9 @@
 //!   thunks, `check_label`, `reset`, `thunk_cancel`; towards a cmm peer, or (plain mode) an
 //!   ordinary TCP server.
 //! - [`listener`]: [`Listener`], the accepting side.
+//! - `api` (a private leaf, re-exported here and from [`multisocket`]): what both modes speak —
+//!   [`Callbacks`] told a [`PathEvent`], and [`TrySend`]/[`Check`], what the non-blocking calls
+//!   did.
 //! - [`session`]: the multi-socket protocol as a sans-IO state machine; [`frame`]: its wire
 //!   format (see `PROTOCOL.md`); a private driver runs it on tokio.
 //! - [`plain`]: one connection to an ordinary server on the network the labels choose, now or
@@ -22,6 +25,7 @@
 //! The vocabulary comes from `cmm-policy` and the network view from `cmm-scout`; both are
 //! re-exported here so an application needs only this crate.
 
+mod api;
 pub mod connector;
 mod driver;
 pub mod ffi;

@@ -18,8 +18,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cmm_policy::{Labels, Network};
+use cmm_policy::Labels;
 
+pub use crate::api::{Callback, Callbacks, Check, PathEvent, TrySend};
 use crate::connector::Connector;
 use crate::driver::CmmSocket;
 use crate::plain::PlainSocket;
@@ -29,53 +30,6 @@ use crate::thunk::{Handler, Thunk};
 
 /// How long a closing socket waits for the peer to acknowledge everything.
 const LINGER: Duration = Duration::from_secs(10);
-
-/// A physical connection came or went: which, on what network, serving which labels.
-#[derive(Clone, Debug)]
-pub struct PathEvent {
-    /// The path (a connection number within this socket).
-    pub path: u32,
-    /// Its network.
-    pub network: Network,
-    /// The labels it serves: its kind's restriction (WIFI_ONLY, CELLULAR_ONLY) and, when it
-    /// comes up, each of ONDEMAND/BACKGROUND/SMALL/LARGE that now chooses it.
-    pub labels: Labels,
-}
-
-/// A `label_up` / `label_down` callback.
-pub type Callback = Arc<dyn Fn(&PathEvent) + Send + Sync>;
-
-/// libcmm's connection callbacks: run (on a library thread) whenever a physical connection is
-/// set up or torn down, for application-level setup and teardown.
-#[derive(Clone, Default)]
-pub struct Callbacks {
-    /// A physical connection is up.
-    pub label_up: Option<Callback>,
-    /// A physical connection is gone.
-    pub label_down: Option<Callback>,
-}
-
-/// What a non-blocking send did.
-#[derive(Debug)]
-pub enum TrySend {
-    /// This many bytes were taken.
-    Sent(usize),
-    /// No network fits the labels: the thunk was stored and runs when one comes up.
-    Deferred,
-    /// A real failure (or `WouldBlock`: no room, or no network and no thunk).
-    Failed(io::Error),
-}
-
-/// What `check_label` found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Check {
-    /// A network that fits is up.
-    Ready,
-    /// None is: the thunk was stored.
-    Deferred,
-    /// None is, and there was no thunk.
-    Failed,
-}
 
 /// A socket spanning every network.
 #[derive(Clone)]

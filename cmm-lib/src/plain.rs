@@ -19,8 +19,8 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::api::{Callbacks, Check, PathEvent, TrySend};
 use crate::connector::{ConnectError, Connected, Connector, ErrorKind, Route};
-use crate::multisocket::{Callbacks, Check, PathEvent, TrySend};
 use crate::session::PathStats;
 use crate::target::Target;
 use crate::thunk::{Thunk, Thunks};
