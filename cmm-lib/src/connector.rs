@@ -11,8 +11,9 @@
 //!   in turn, and on each every resolved address in turn, each attempt bounded by the connect
 //!   timeout: a dead uplink can swallow SYNs for minutes. A refusal is the server's answer and
 //!   ends the search; unreachable and timeout try the next network.
-//! - When no network fits, `plain::open` defers: [`Connector::wait_route`] waits for the scout
-//!   to report a matching network, within the policy's maximum wait.
+//! - [`Connector::connect_or_defer`] is the entry: connected now ([`Opening::Ready`]) or, when
+//!   no network fits, [`Opening::Deferred`]: [`Deferred::complete`] waits for the scout to
+//!   report a matching network ([`Connector::wait_route`]), within the policy's maximum wait.
 
 use std::io;
 use std::net::SocketAddr;
@@ -60,6 +61,32 @@ pub struct Connected {
     pub network: Option<Network>,
     /// The address it is connected to.
     pub remote: SocketAddr,
+}
+
+/// The result of [`Connector::connect_or_defer`]: connected now, or deferred until a network fits.
+#[derive(Debug)]
+pub enum Opening {
+    /// Connected.
+    Ready(Connected),
+    /// Waiting for a network.
+    Deferred(Deferred),
+}
+
+/// A connection waiting for a network that its labels allow.
+pub struct Deferred {
+    connector: Connector,
+    target: Target,
+    addrs: Option<Vec<SocketAddr>>,
+    labels: Labels,
+    since: Instant,
+    max_wait: Duration,
+    why: String,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred").field("target", &self.target).field("labels", &self.labels).finish()
+    }
 }
 
 /// The broad class of a [`ConnectError`], for protocol replies (SOCKS5 codes, HTTP statuses).
@@ -245,6 +272,66 @@ impl Connector {
         !addrs.is_empty() && addrs.iter().all(|a| snap.is_local(a.ip()))
     }
 
+    /// One connection to `target` for `labels`: on the network the labels choose now, or, when
+    /// none fits, a [`Deferred`] that connects once one comes up. Every plain connection in cmm
+    /// starts here: the proxy's upstreams and plain-mode multi-sockets.
+    ///
+    /// `addrs` is what resolving gave (an error when it failed, perhaps because no network is
+    /// up): local destinations connect directly, others on the chosen network. When every
+    /// chosen network fails to carry the connection and the scout meanwhile says it is down,
+    /// the choice is made again: deferral, or the networks that are up now.
+    pub async fn connect_or_defer(
+        &self,
+        target: &Target,
+        addrs: Result<Vec<SocketAddr>, ConnectError>,
+        labels: Labels,
+    ) -> Result<Opening, ConnectError> {
+        if let Ok(a) = &addrs
+            && self.is_local(a)
+        {
+            return self.connect_via(a, &[]).await.map(Opening::Ready);
+        }
+        // The kernel reports a lost carrier up to a second late, so a network may die under a
+        // connect. After a path failure (no answer, no route), ask the scout again: defer, or use
+        // what is up now, rather than fail. A few rounds at most, while the choice changes.
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<ConnectError> = None;
+        let mut addrs = addrs;
+        for _ in 0..3 {
+            let networks = match self.route(labels) {
+                Route::Reject { why } => return Err(ConnectError::Rejected { why }),
+                Route::Networks { networks, .. } => networks,
+                Route::Defer { max_wait, why } => {
+                    return Ok(Opening::Deferred(Deferred {
+                        connector: self.clone(),
+                        target: target.clone(),
+                        addrs: addrs.ok(),
+                        labels,
+                        since: Instant::now(),
+                        max_wait,
+                        why,
+                    }));
+                }
+            };
+            let names: Vec<String> = networks.iter().map(|n| n.interface.clone()).collect();
+            if names == tried {
+                break;
+            }
+            let resolved = addrs?;
+            match self.connect_via(&resolved, &networks).await {
+                Ok(c) => return Ok(Opening::Ready(c)),
+                Err(e) if e.is_path_failure() => {
+                    tracing::debug!("{e}; choosing again");
+                    tried = names;
+                    last = Some(e);
+                    addrs = Ok(resolved);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ConnectError::ScoutGone))
+    }
+
     /// Connects to the first address that answers, trying each network in order (no network:
     /// directly, unbound). On one network every address is tried; a refusal there ends the
     /// search after that network, since another network would reach the same refusing server.
@@ -322,6 +409,69 @@ impl Connector {
     pub async fn until_down(&self, interface: &str) {
         let mut sub = self.scout.subscribe();
         sub.wait_for(|snap| (!snap.is_up(interface)).then_some(())).await;
+    }
+}
+
+impl Deferred {
+    /// Why the connection waits.
+    pub fn why(&self) -> &str {
+        &self.why
+    }
+
+    /// The longest it may wait.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// The labels it waits for.
+    pub fn labels(&self) -> Labels {
+        self.labels
+    }
+
+    /// Waits for a matching network and connects through it. Fails when the maximum wait
+    /// passes first, or when the policy comes to refuse the labels.
+    pub async fn complete(self) -> Result<Connected, ConnectError> {
+        let c = &self.connector;
+        let deadline = self.since + self.max_wait;
+        let mut first = true;
+        loop {
+            let networks = c.wait_route(self.labels, deadline).await.map_err(|e| match e {
+                ConnectError::DeferTimeout { why, .. } => ConnectError::DeferTimeout {
+                    waited: self.since.elapsed(),
+                    why: if why.is_empty() { self.why.clone() } else { why },
+                },
+                other => other,
+            })?;
+            let addrs = match &self.addrs {
+                Some(a) => a.clone(),
+                None => c.resolve(&self.target).await?,
+            };
+            // A network that has just come up may drop the first SYN (seen after an admin up:
+            // the kernel reports the link running before it carries packets, and the SYN is
+            // not sent again for a second). So the first try gets a few round trips, then a
+            // fresh socket tries at once with the full timeout.
+            let timeout = if first {
+                settle_timeout(networks.first(), c.connect_timeout())
+            } else {
+                c.connect_timeout()
+            };
+            match c.connect_via_within(&addrs, &networks, timeout).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) if e.kind() == ErrorKind::Refused => return Err(e),
+                Err(e) if first && timeout < c.connect_timeout() => {
+                    tracing::debug!("first connect on a network that just came up failed, trying again: {e}");
+                    first = false;
+                }
+                Err(e) if Instant::now() + Duration::from_secs(1) < deadline => {
+                    first = false;
+                    // The network is up as far as the scout knows but did not carry us; try
+                    // again shortly rather than spinning.
+                    tracing::debug!("deferred connect failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -418,5 +568,53 @@ mod tests {
         assert!(!down.is_finished());
         scout.set_override("wifi", Some(false));
         tokio::time::timeout(Duration::from_secs(2), down).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn local_destinations_connect_directly_whatever_the_labels() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // No network is up at all, yet loopback works.
+        let c = Connector::new(Scout::manual(vec![]), policy(), Duration::from_secs(2));
+        let opening =
+            c.connect_or_defer(&Target::ip(addr), Ok(vec![addr]), Labels::BACKGROUND).await.unwrap();
+        match opening {
+            Opening::Ready(conn) => {
+                assert!(conn.network.is_none());
+                assert_eq!(conn.remote, addr);
+            }
+            Opening::Deferred(_) => panic!("loopback must not be deferred"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_network_defers_until_one_comes_up_or_the_wait_ends() {
+        let scout = Scout::manual(vec![]);
+        let p = Arc::new(Policy { default_max_wait: Duration::from_millis(200), ..Policy::default() });
+        let c = Connector::new(scout.clone(), p, Duration::from_secs(2));
+        let target: Target = "192.0.2.1:80".parse().unwrap();
+        let addrs = vec!["192.0.2.1:80".parse().unwrap()];
+        let Opening::Deferred(d) = c.connect_or_defer(&target, Ok(addrs), Labels::NONE).await.unwrap() else {
+            panic!("expected deferral")
+        };
+        assert!(d.why().contains("no networks"), "{}", d.why());
+        let err = d.complete().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DeferTimeout);
+        assert!(err.to_string().contains("no matching network within"), "{err}");
+
+        // A network coming up ends the wait (the connect itself then fails: no such device).
+        let opening = c
+            .connect_or_defer(&target, Ok(vec!["192.0.2.1:80".parse().unwrap()]), Labels::NONE)
+            .await
+            .unwrap();
+        let Opening::Deferred(d) = opening else { panic!() };
+        let handle = tokio::spawn(d.complete());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        scout.set_networks(vec![Network::new("ghost", "ghost0", NetworkKind::Wifi)]);
+        let err = handle.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Connect { ref network, .. } if network.as_deref() == Some("ghost0")),
+            "{err}"
+        );
     }
 }

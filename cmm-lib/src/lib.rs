@@ -13,10 +13,10 @@
 //!   did.
 //! - [`session`]: the multi-socket protocol as a sans-IO state machine; [`frame`]: its wire
 //!   format (see `PROTOCOL.md`); a private driver runs it on tokio.
-//! - [`plain`]: one connection to an ordinary server on the network the labels choose, now or
-//!   deferred — the proxy's upstreams use it too.
+//! - [`plain`]: plain mode, a multi-socket towards an ordinary server.
 //! - [`connector`]: [`Connector`], the network choice and interface-bound connects under all of
-//!   the above; [`net`]: the socket calls; [`thunk`]: deferred operations; [`target`]: names.
+//!   the above; [`Connector::connect_or_defer`] makes one connection on the network the labels
+//!   choose, now or deferred — plain mode's and the proxy's upstreams; [`net`]: the socket calls; [`thunk`]: deferred operations; [`target`]: names.
 //! - [`trickle`]: [`Trickler`], background traffic paced while foreground traffic is active on
 //!   a network, and the queueing delays that choices by latency take into account.
 //!
@@ -42,10 +42,9 @@ pub mod trickle;
 
 pub use cmm_policy::{Labels, Network, NetworkKind, Policy};
 pub use cmm_scout::{Scout, Snapshot};
-pub use connector::{ConnectError, Connected, Connector, ErrorKind, Route};
+pub use connector::{ConnectError, Connected, Connector, Deferred, ErrorKind, Opening, Route};
 pub use listener::Listener;
 pub use multisocket::{Callback, Callbacks, Check, MultiSocket, PathEvent, TrySend};
-pub use plain::{Deferred, Opening};
 pub use session::PathStats;
 pub use target::{Host, Target};
 pub use thunk::{Handler, Thunk};

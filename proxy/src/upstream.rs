@@ -4,7 +4,7 @@
 //! labels (username first, then the destination rules of `proxy.toml`, then the default), and
 //! opens a connection: ready now, or deferred until a matching network is up. Today's
 //! implementation, [`DirectUpstream`], connects from this machine through the chosen network's
-//! interface with cmm's plain mode (`cmm::plain::open`), the same code a label-aware
+//! interface with `cmm::Connector::connect_or_defer`, the same code a label-aware
 //! application's plain multi-socket uses. A relay upstream (one multi-socket to a cmm peer carrying
 //! many app connections) will implement the same trait.
 
@@ -313,7 +313,7 @@ impl Upstream for DirectUpstream {
             // network is up the name may not resolve; that is decided after the route.
             let addrs = self.connector.resolve(&req.target).await;
             let (labels, source) = self.labels_for(req, addrs.as_deref().unwrap_or(&[]));
-            match cmm::plain::open(&self.connector, &req.target, addrs, labels).await {
+            match self.connector.connect_or_defer(&req.target, addrs, labels).await {
                 Ok(Opening::Ready(c)) => {
                     let conn = upstream_conn(&self.connector, c, labels);
                     Ok(Opened { labels, source, state: OpenState::Ready(conn) })
