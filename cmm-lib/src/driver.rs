@@ -42,11 +42,16 @@ const ORPHAN_TIMEOUT: Duration = Duration::from_secs(300);
 /// so acknowledgement times reflect the link, not our own backlog.
 const NOTSENT_LOWAT: u32 = 256 * 1024;
 const MIN_LOWAT: usize = 16 * 1024;
+/// Longest a closing socket waits for its writers to put CLOSE on the wire before it drops
+/// the sockets anyway (a path whose kernel buffer is full may never take it).
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 struct PathIo {
     writer: Arc<Notify>,
     tasks: Vec<AbortHandle>,
     local: Option<SocketAddr>,
+    /// The writer holds frames taken from the session and not yet handed to the kernel.
+    writing: bool,
 }
 
 /// What the driver holds under its lock.
@@ -79,6 +84,8 @@ pub(crate) struct CmmSocket {
     pub(crate) readable: Notify,
     /// Woken when sending may go further (buffer space, a path came or went).
     pub(crate) writable: Notify,
+    /// Woken, once the socket is closing, whenever a writer has handed a batch to the kernel.
+    written: Notify,
     timer: Notify,
     manager: Notify,
     pub(crate) connector: Connector,
@@ -180,6 +187,7 @@ impl CmmSocket {
             }),
             readable: Notify::new(),
             writable: Notify::new(),
+            written: Notify::new(),
             timer: Notify::new(),
             manager: Notify::new(),
             connector,
@@ -363,7 +371,10 @@ impl CmmSocket {
             let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
             let interface = key.as_ref().and_then(|(k, _)| k.split_once('/').map(|(_, i)| i.to_string()));
             let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial, interface));
-            st.paths.insert(id, PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local });
+            st.paths.insert(
+                id,
+                PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local, writing: false },
+            );
             true
         })
     }
@@ -472,9 +483,42 @@ impl CmmSocket {
             st.closing = true;
             st.session.close("closed");
         });
-        // Let the writers put CLOSE on the wire.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.flush_close().await;
         self.abort_all();
+    }
+
+    /// Waits (up to [`CLOSE_FLUSH`]) until every path's writer has handed the kernel all the
+    /// session had for it, CLOSE included: dropping a socket before that would leave the peer
+    /// to find out from its paths' ends, and keep the session for its orphan timeout.
+    async fn flush_close(&self) {
+        let started = tokio::time::Instant::now();
+        let deadline = started + CLOSE_FLUSH;
+        loop {
+            let written = self.written.notified();
+            let gone = self.writable.notified();
+            tokio::pin!(written, gone);
+            written.as_mut().enable();
+            gone.as_mut().enable();
+            let pending = {
+                let st = self.lock();
+                st.paths.iter().filter(|(id, p)| p.writing || st.session.wants_transmit(**id)).count()
+            };
+            if pending == 0 {
+                tracing::debug!("CLOSE written on every path in {:?}", started.elapsed());
+                return;
+            }
+            // A batch written, or a path gone (its writer with it): look again.
+            let woken = async {
+                tokio::select! {
+                    _ = written => {}
+                    _ = gone => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                tracing::debug!(pending, "CLOSE not written on every path within {CLOSE_FLUSH:?}");
+                return;
+            }
+        }
     }
 
     /// Stops every task and drops every socket at once.
@@ -721,11 +765,15 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
                     None => break,
                 }
             }
-            if !batch.is_empty()
-                && let Some(d) = st.session.poll_timeout()
-                && st.armed.is_none_or(|a| d < a)
-            {
-                sock.timer.notify_one();
+            if !batch.is_empty() {
+                if let Some(p) = st.paths.get_mut(&id) {
+                    p.writing = true;
+                }
+                if let Some(d) = st.session.poll_timeout()
+                    && st.armed.is_none_or(|a| d < a)
+                {
+                    sock.timer.notify_one();
+                }
             }
         }
         if batch.is_empty() {
@@ -737,6 +785,16 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
             return;
         }
         batch.clear();
+        let closing = {
+            let mut st = sock.lock();
+            if let Some(p) = st.paths.get_mut(&id) {
+                p.writing = false;
+            }
+            st.closing
+        };
+        if closing {
+            sock.written.notify_waiters();
+        }
         // Writable again only once the kernel's unsent bytes are below the low-water mark.
         if let Err(e) = wr.as_ref().writable().await {
             sock.end_path_with(id, &format!("write failed: {e}"), outcome_of(&e));

@@ -363,7 +363,8 @@ impl MultiSocket {
         }
     }
 
-    /// Closes: what was sent is delivered first (up to a 10 s linger), then every connection
+    /// Closes: what was sent is delivered first (up to a 10 s linger), then CLOSE is written on
+    /// every connection (up to 1 s more), so the peer knows at once, and every connection
     /// closes. Other handles to this socket see it closed.
     pub async fn close(self) {
         match self.mode() {

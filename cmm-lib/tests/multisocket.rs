@@ -269,6 +269,23 @@ async fn shutdown_and_close_deliver_everything_then_end_of_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_puts_close_on_the_wire_before_the_sockets_go() {
+    let p = pair(Policy::default(), Callbacks::default()).await;
+    p.client.send(b"last words", Labels::NONE).await.unwrap();
+    let t0 = std::time::Instant::now();
+    p.client.clone().close().await;
+    eprintln!("close returned after {:?}", t0.elapsed());
+    assert_eq!(read_exactly(&p.server, 10).await.0, b"last words");
+    // The peer learns it from CLOSE, not from its paths ending (which would leave it waiting
+    // for a path, its sends `WouldBlock`): its sends fail as closed by the peer.
+    wait_for(|| match p.server.try_send(b"x", Labels::NONE, None) {
+        TrySend::Failed(e) => e.kind() == std::io::ErrorKind::ConnectionAborted,
+        _ => false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_refuses_garbage_and_keeps_serving() {
     let p = pair(Policy::default(), Callbacks::default()).await;
     let addr = p._listener.local_addr();
