@@ -24,7 +24,7 @@ pub use crate::api::{Callback, Callbacks, Check, PathEvent, TrySend};
 use crate::connector::Connector;
 use crate::driver::CmmSocket;
 use crate::plain::PlainSocket;
-use crate::session::{PathStats, RecvError, SendError};
+use crate::session::{PathStats, RecvError, SendError, Session};
 use crate::target::Target;
 use crate::thunk::{Handler, Thunk};
 
@@ -77,6 +77,51 @@ fn recv_error(e: RecvError) -> io::Error {
         RecvError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
         RecvError::WouldBlock => io::ErrorKind::WouldBlock.into(),
     }
+}
+
+/// The send loop of [`MultiSocket::send`] and [`MultiSocket::send_bytes`] in cmm mode: `take`
+/// hands the session the bytes from offset `off` of `len` and says how many it took. Waits for
+/// room, and for a network up to the labels' maximum wait since the last byte taken; when that
+/// runs out, what was taken is the result (`TimedOut` if nothing was).
+async fn send_cmm(
+    s: &CmmSocket,
+    len: usize,
+    labels: Labels,
+    mut take: impl FnMut(&mut Session, usize) -> Result<usize, SendError>,
+) -> io::Result<usize> {
+    let max_wait = s.connector.policy().max_wait(labels);
+    let mut no_network_since: Option<tokio::time::Instant> = None;
+    let mut off = 0;
+    while off < len {
+        let notified = s.writable.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let r = s.mutate(|st| {
+            s.resume_after_reset(st);
+            take(&mut st.session, off)
+        });
+        match r {
+            Ok(n) => {
+                off += n;
+                no_network_since = None;
+            }
+            Err(SendError::Full) => notified.await,
+            Err(SendError::NoNetwork) => {
+                let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
+                if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
+                    if off > 0 {
+                        return Ok(off);
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no network for {labels} within {max_wait:?}"),
+                    ));
+                }
+            }
+            Err(e) => return Err(send_error(e)),
+        }
+    }
+    Ok(off)
 }
 
 impl MultiSocket {
@@ -142,85 +187,33 @@ impl MultiSocket {
     }
 
     /// Sends all of `buf` on networks `labels` choose. Waits for buffer room, and for a
-    /// matching network up to the policy's maximum wait for the labels.
+    /// matching network up to the policy's maximum wait for the labels (counted afresh after
+    /// every byte taken).
+    ///
+    /// Returns how many bytes were taken: all of `buf`, or fewer when the wait for a network
+    /// ran out after some had been taken (the rest was not; send it again). `TimedOut` only when
+    /// it ran out before any byte was. Any other failure (the socket closed or reset) is an
+    /// error, even after some bytes were taken, as in libcmm.
     pub async fn send(&self, buf: &[u8], labels: Labels) -> io::Result<usize> {
-        let s = match self.mode() {
-            Mode::Plain(p) => return p.send(buf, labels).await,
-            Mode::Cmm(s) => s,
-        };
-        let max_wait = s.connector.policy().max_wait(labels);
-        let mut no_network_since: Option<tokio::time::Instant> = None;
-        let mut off = 0;
-        while off < buf.len() {
-            let notified = s.writable.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let r = s.mutate(|st| {
-                s.resume_after_reset(st);
-                st.session.send(&buf[off..], labels)
-            });
-            match r {
-                Ok(n) => {
-                    off += n;
-                    no_network_since = None;
-                    continue;
-                }
-                Err(SendError::Full) => notified.await,
-                Err(SendError::NoNetwork) => {
-                    let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
-                    if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
-                        if off > 0 {
-                            return Ok(off);
-                        }
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no network for {labels} within {max_wait:?}"),
-                        ));
-                    }
-                }
-                Err(e) => return Err(send_error(e)),
+        match self.mode() {
+            Mode::Plain(p) => p.send(buf, labels).await,
+            Mode::Cmm(s) => {
+                send_cmm(s, buf.len(), labels, |session, off| session.send(&buf[off..], labels)).await
             }
         }
-        Ok(off)
     }
 
     /// Like [`MultiSocket::send`], without copying `data`: the buffer is kept, shared, until
-    /// the peer acknowledges it.
-    pub async fn send_bytes(&self, mut data: bytes::Bytes, labels: Labels) -> io::Result<usize> {
-        let s = match self.mode() {
-            Mode::Plain(p) => return p.send(&data, labels).await,
-            Mode::Cmm(s) => s,
-        };
-        let total = data.len();
-        let max_wait = s.connector.policy().max_wait(labels);
-        let mut no_network_since: Option<tokio::time::Instant> = None;
-        while !data.is_empty() {
-            let notified = s.writable.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let r = s.mutate(|st| {
-                s.resume_after_reset(st);
-                st.session.send_bytes(data.clone(), labels)
-            });
-            match r {
-                Ok(n) => {
-                    let _ = data.split_to(n);
-                    no_network_since = None;
-                }
-                Err(SendError::Full) => notified.await,
-                Err(SendError::NoNetwork) => {
-                    let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
-                    if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no network for {labels} within {max_wait:?}"),
-                        ));
-                    }
-                }
-                Err(e) => return Err(send_error(e)),
+    /// the peer acknowledges it. Partial sends are reported the same way: `Ok` with the bytes
+    /// taken when the wait for a network ran out after some, `TimedOut` when before any.
+    pub async fn send_bytes(&self, data: bytes::Bytes, labels: Labels) -> io::Result<usize> {
+        match self.mode() {
+            Mode::Plain(p) => p.send(&data, labels).await,
+            Mode::Cmm(s) => {
+                send_cmm(s, data.len(), labels, |session, off| session.send_bytes(data.slice(off..), labels))
+                    .await
             }
         }
-        Ok(total)
     }
 
     /// Like [`MultiSocket::recv`], without copying: up to `max` bytes, shared with the receive

@@ -168,6 +168,40 @@ async fn a_network_going_down_loses_nothing() {
     assert_eq!(sent_on(&p.client, "wifi") - before, 100_000);
 }
 
+/// `send` (`copy`) or `send_bytes` of `data`.
+async fn send_either(
+    s: &MultiSocket,
+    data: bytes::Bytes,
+    labels: Labels,
+    copy: bool,
+) -> std::io::Result<usize> {
+    if copy { s.send(&data, labels).await } else { s.send_bytes(data, labels).await }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_send_bytes_report_a_partial_send_alike_when_the_wait_for_a_network_runs_out() {
+    let max_wait = Duration::from_millis(300);
+    for copy in [true, false] {
+        let p = pair(Policy { default_max_wait: max_wait, ..Policy::default() }, Callbacks::default()).await;
+        // The server reads nothing, so the send stalls once the buffers are full, part taken.
+        let data = bytes::Bytes::from(vec![5u8; 64 << 20]);
+        let sender = {
+            let (c, d) = (p.client.clone(), data.clone());
+            tokio::spawn(async move { send_either(&c, d, Labels::NONE, copy).await })
+        };
+        wait_for(|| p.client.unacked() > 0).await;
+        p.scout.set_override("wifi", Some(false));
+        p.scout.set_override("cell", Some(false));
+        let n = tokio::time::timeout(Duration::from_secs(10), sender).await.unwrap().unwrap().unwrap();
+        assert!(n > 0 && n < data.len(), "copy={copy}: {n} of {} bytes", data.len());
+        // With no network from the start, nothing is taken: an error, after the wait.
+        let t0 = std::time::Instant::now();
+        let e = send_either(&p.client, data.slice(n..), Labels::NONE, copy).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "copy={copy}: {e}");
+        assert!(t0.elapsed() >= max_wait, "copy={copy}: gave up after {:?}", t0.elapsed());
+    }
+}
+
 static THUNK_RAN: AtomicUsize = AtomicUsize::new(0);
 
 fn on_network(arg: Box<dyn Any + Send>) {
