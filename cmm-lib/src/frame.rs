@@ -1,4 +1,4 @@
-//! The multi-socket wire format, version 1 (see `PROTOCOL.md` for the layouts and rules).
+//! The multi-socket wire format, version 2 (see `PROTOCOL.md` for the layouts and rules).
 //!
 //! Every frame is `type: u8`, `length: u32` (big-endian, payload bytes), then the payload.
 //! Decoding is two steps, as for any untrusted input: [`FrameDecoder`] first checks that a
@@ -277,75 +277,122 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Parses one payload of type `code`. `payload` is exactly the frame's payload.
-pub fn decode_payload(code: u8, mut p: Bytes) -> Result<Frame, FrameError> {
+/// Reads a payload's fields in order. Every read checks that the bytes are there (`try_get_*`),
+/// so a field the length checks forgot is a [`FrameError`], never a panic.
+struct Fields {
+    p: Bytes,
+    frame: &'static str,
+    len: usize,
+}
+
+impl Fields {
+    fn short(&self) -> FrameError {
+        FrameError::BadLength(self.frame, self.len)
+    }
+
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        self.p.try_get_u8().map_err(|_| FrameError::BadLength(self.frame, self.len))
+    }
+
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        self.p.try_get_u16().map_err(|_| FrameError::BadLength(self.frame, self.len))
+    }
+
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        self.p.try_get_u32().map_err(|_| FrameError::BadLength(self.frame, self.len))
+    }
+
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        self.p.try_get_u64().map_err(|_| FrameError::BadLength(self.frame, self.len))
+    }
+
+    fn session(&mut self) -> Result<SessionId, FrameError> {
+        let mut id = [0u8; 16];
+        self.p.try_copy_to_slice(&mut id).map_err(|_| self.short())?;
+        Ok(SessionId(id))
+    }
+
+    fn flag(&mut self, what: &str) -> Result<bool, FrameError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(FrameError::BadField(format!("{} {what} {other}", self.frame))),
+        }
+    }
+
+    /// Requires exactly `n` bytes left.
+    fn exactly(&self, n: usize) -> Result<(), FrameError> {
+        if self.p.remaining() == n { Ok(()) } else { Err(self.short()) }
+    }
+
+    fn rest(self) -> Bytes {
+        self.p
+    }
+}
+
+/// Parses the payload of a frame of type `code` (its length already checked against
+/// [`MAX_PAYLOAD`]).
+pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
     let len = p.len();
     let need = |name: &'static str, ok: bool| if ok { Ok(()) } else { Err(FrameError::BadLength(name, len)) };
+    let fields = |frame: &'static str| Fields { p: p.clone(), frame, len };
     match code {
         kind::HELLO => {
+            let mut f = fields("HELLO");
+            let version = f.u16()?;
+            let session = f.session()?;
+            let path = f.u32()?;
             // Version 1 had no join flag; it is still decoded, so that its sender is told
             // which version this side speaks.
-            const HELLO_V1: usize = 2 + 16 + 4 + 1 + 1 + 8 + 8 + 4 + 1;
-            need("HELLO", len >= HELLO_V1)?;
-            let version = p.get_u16();
-            need("HELLO", version < 2 || len > HELLO_V1)?;
-            let mut session = [0u8; 16];
-            p.copy_to_slice(&mut session);
-            let path = p.get_u32();
-            let join = match if version >= 2 { p.get_u8() } else { 0 } {
-                0 => false,
-                1 => true,
-                other => return Err(FrameError::BadField(format!("HELLO join flag {other}"))),
-            };
-            let kind = code_kind(p.get_u8());
-            let metered = match p.get_u8() {
-                0 => false,
-                1 => true,
-                other => return Err(FrameError::BadField(format!("HELLO metered flag {other}"))),
-            };
-            let bandwidth_down = p.get_u64();
-            let bandwidth_up = p.get_u64();
-            let rtt_us = p.get_u32();
-            let name_len = p.get_u8() as usize;
-            need("HELLO", p.remaining() == name_len && name_len <= MAX_NAME)?;
-            let name = String::from_utf8(p.to_vec())
+            let join = if version >= 2 { f.flag("join flag")? } else { false };
+            let kind = code_kind(f.u8()?);
+            let metered = f.flag("metered flag")?;
+            let bandwidth_down = f.u64()?;
+            let bandwidth_up = f.u64()?;
+            let rtt_us = f.u32()?;
+            let name_len = f.u8()? as usize;
+            need("HELLO", name_len <= MAX_NAME)?;
+            f.exactly(name_len)?;
+            let name = String::from_utf8(f.rest().to_vec())
                 .map_err(|_| FrameError::BadField("HELLO network name is not UTF-8".into()))?;
             Ok(Frame::Hello {
                 version,
-                session: SessionId(session),
+                session,
                 path,
                 join,
                 network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us },
             })
         }
         kind::WELCOME => {
-            need("WELCOME", len == 2 + 16 + 4)?;
-            let version = p.get_u16();
-            let mut session = [0u8; 16];
-            p.copy_to_slice(&mut session);
-            Ok(Frame::Welcome { version, session: SessionId(session), path: p.get_u32() })
+            let mut f = fields("WELCOME");
+            let (version, session, path) = (f.u16()?, f.session()?, f.u32()?);
+            f.exactly(0)?;
+            Ok(Frame::Welcome { version, session, path })
         }
         kind::DATA => {
             need("DATA", len > 12 && len - 12 <= MAX_CHUNK)?;
-            let offset = p.get_u64();
-            let bits = p.get_u32();
+            let mut f = fields("DATA");
+            let offset = f.u64()?;
+            let bits = f.u32()?;
             let labels =
                 Labels::from_bits(bits).map_err(|e| FrameError::BadField(format!("DATA labels: {e}")))?;
-            if offset.checked_add(p.len() as u64).is_none() {
+            let data = f.rest();
+            if offset.checked_add(data.len() as u64).is_none() {
                 return Err(FrameError::BadField("DATA offset overflows".into()));
             }
-            Ok(Frame::Data { offset, labels, data: p })
+            Ok(Frame::Data { offset, labels, data })
         }
         kind::ACK => {
-            need("ACK", len >= 17)?;
-            let cumulative = p.get_u64();
-            let window = p.get_u64();
-            let n = p.get_u8() as usize;
-            need("ACK", n <= MAX_RANGES && p.remaining() == n * 16)?;
+            let mut f = fields("ACK");
+            let cumulative = f.u64()?;
+            let window = f.u64()?;
+            let n = f.u8()? as usize;
+            need("ACK", n <= MAX_RANGES)?;
+            f.exactly(n * 16)?;
             let mut ranges = Vec::with_capacity(n);
             let mut floor = cumulative;
             for _ in 0..n {
-                let (s, e) = (p.get_u64(), p.get_u64());
+                let (s, e) = (f.u64()?, f.u64()?);
                 if s < floor || e <= s {
                     return Err(FrameError::BadField(format!("ACK range {s}..{e} is empty or out of order")));
                 }
@@ -359,17 +406,22 @@ pub fn decode_payload(code: u8, mut p: Bytes) -> Result<Frame, FrameError> {
             Ok(Frame::Ping)
         }
         kind::FIN => {
-            need("FIN", len == 8)?;
-            Ok(Frame::Fin { offset: p.get_u64() })
+            let mut f = fields("FIN");
+            let offset = f.u64()?;
+            f.exactly(0)?;
+            Ok(Frame::Fin { offset })
         }
         kind::PATH_DOWN => {
-            need("PATH_DOWN", len == 4)?;
-            Ok(Frame::PathDown { path: p.get_u32() })
+            let mut f = fields("PATH_DOWN");
+            let path = f.u32()?;
+            f.exactly(0)?;
+            Ok(Frame::PathDown { path })
         }
         kind::CLOSE => {
-            need("CLOSE", (1..=1 + MAX_REASON).contains(&len))?;
-            let code = p.get_u8();
-            let reason = String::from_utf8_lossy(&p).into_owned();
+            need("CLOSE", len <= 1 + MAX_REASON)?;
+            let mut f = fields("CLOSE");
+            let code = f.u8()?;
+            let reason = String::from_utf8_lossy(&f.rest()).into_owned();
             Ok(Frame::Close { code, reason })
         }
         other => Err(FrameError::UnknownType(other)),

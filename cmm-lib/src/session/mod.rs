@@ -20,33 +20,42 @@
 //! so sending it early would not deliver it sooner. Pacing protects foreground traffic of other
 //! connections on the network, and this one's foreground data sent on another path.)
 //!
-//! Driving it: after any call, write what [`Session::poll_transmit`] gives for each path, arm
+//! Driving it: feed every frame read from a path to [`Session::handle_frame`] (the one input
+//! entry point); after any call, write what [`Session::poll_transmit`] gives for each path, arm
 //! a timer for [`Session::poll_timeout`] and call [`Session::handle_timeout`] when it fires,
 //! and act on [`Session::poll_event`].
+//!
+//! Its parts, one mechanism each: [`send`] (the send buffer and the account of what is owed),
+//! [`recv`] (the reassembler, with bounded memory), [`path`] (a path's state and figures),
+//! [`timer`] (the named timers), [`error`] (what a peer or an application can get wrong). This
+//! module is the glue: which chunk goes on which path, acknowledgements, failover.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use cmm_policy::{Decision, Figures, Labels, Network, Policy};
+use cmm_policy::{Decision, Labels, Network, Policy};
 
-use crate::frame::{self, Frame, FrameDecoder, FrameError, NetworkInfo, PathId, SessionId};
+use crate::frame::{self, Frame, FrameDecoder, NetworkInfo, PathId, SessionId};
 use crate::trickle::{Direction, Trickler};
+
+mod error;
+mod path;
+mod recv;
+mod send;
+mod timer;
+
+pub use error::{ProtocolError, RecvError, SendError, SessionError};
+pub use path::{PathStats, info_from_network, network_from_info};
+pub use recv::{Assembler, COPY_BELOW, JOIN_MAX, MAX_HELD, MAX_OUT_OF_ORDER};
+pub use send::{Chunk, SendBuffer};
+pub use timer::Timer;
+
+use path::{PathState, Sent};
 
 /// DATA frames received on a path before an acknowledgement goes out at once.
 const ACK_EVERY: u32 = 8;
-
-/// Received pieces shorter than this are copied out of the read buffer they came in (a small
-/// slice must not keep a large buffer alive), and in-order ones of the same labels are joined,
-/// so the memory that received bytes hold stays close to their number however a peer cuts
-/// them (quinn's `Assembler` counts allocated against buffered bytes for the same reason).
-const COPY_BELOW: usize = 32 * 1024;
-/// Largest joined run of small in-order pieces.
-const JOIN_MAX: usize = 64 * 1024;
-/// Most out-of-order pieces held; more are dropped unacknowledged (the sender resends them),
-/// so a peer sending tiny pieces with gaps cannot grow the reassembly map without bound.
-const MAX_OUT_OF_ORDER: usize = 4096;
 
 /// The receive window every session starts with, before the peer's first ACK widens it.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
@@ -151,147 +160,6 @@ impl Transmit {
     }
 }
 
-/// Why `send` took nothing.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// No live path's network fits the labels.
-    #[error("no network matches the labels")]
-    NoNetwork,
-    /// The send buffer is full; wait for acknowledgements.
-    #[error("send buffer full")]
-    Full,
-    /// The stream was shut down for writing.
-    #[error("the stream is shut down for writing")]
-    Shutdown,
-    /// The session is closed.
-    #[error("the session is closed: {0}")]
-    Closed(String),
-    /// The peer is gone for good (see [`Session::abort`]).
-    #[error("{0}")]
-    Reset(String),
-}
-
-/// Why `recv` gave nothing.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RecvError {
-    /// Nothing to read yet.
-    WouldBlock,
-    /// The session closed before the end of the stream.
-    Closed(String),
-    /// The peer is gone for good (see [`Session::abort`]).
-    Reset(String),
-}
-
-/// A protocol violation on one path; the driver closes that path.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
-    /// Bytes that are not a valid frame.
-    #[error("malformed frame: {0}")]
-    Frame(#[from] FrameError),
-    /// A valid frame that makes no sense here.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-}
-
-/// Per-path figures for applications and tests.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PathStats {
-    /// The path.
-    pub path: PathId,
-    /// Its network.
-    pub network: Network,
-    /// Whether it has completed its handshake.
-    pub established: bool,
-    /// Whether it is troubled now.
-    pub troubled: bool,
-    /// DATA payload bytes written on it (retransmissions included).
-    pub bytes_sent: u64,
-    /// DATA payload bytes received on it (duplicates included).
-    pub bytes_received: u64,
-    /// Smoothed round-trip time of acknowledgements on it.
-    pub srtt: Option<Duration>,
-}
-
-#[derive(Clone, Debug)]
-struct Chunk {
-    offset: u64,
-    labels: Labels,
-    data: Bytes,
-    retransmit: bool,
-}
-
-impl Chunk {
-    fn end(&self) -> u64 {
-        self.offset + self.data.len() as u64
-    }
-}
-
-#[derive(Debug)]
-struct Sent {
-    chunk: Chunk,
-    at: Instant,
-}
-
-struct PathState {
-    network: Network,
-    established: bool,
-    decoder: FrameDecoder,
-    control: BytesMut,
-    ack_now: bool,
-    ack_due: Option<Instant>,
-    data_since_ack: u32,
-    queue: VecDeque<Chunk>,
-    inflight: BTreeMap<u64, Sent>,
-    progress_at: Instant,
-    ping_at: Option<Instant>,
-    last_rx: Instant,
-    srtt: Option<Duration>,
-    troubled: bool,
-    fin_sent: bool,
-    bytes_sent: u64,
-    bytes_received: u64,
-    /// Background chunks wait for the trickler until then.
-    paced_until: Option<Instant>,
-}
-
-impl PathState {
-    fn new(network: Network, established: bool, now: Instant) -> PathState {
-        PathState {
-            network,
-            established,
-            decoder: FrameDecoder::new(),
-            control: BytesMut::new(),
-            ack_now: false,
-            ack_due: None,
-            data_since_ack: 0,
-            queue: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            progress_at: now,
-            ping_at: None,
-            last_rx: now,
-            srtt: None,
-            troubled: false,
-            fin_sent: false,
-            bytes_sent: 0,
-            bytes_received: 0,
-            paced_until: None,
-        }
-    }
-
-    fn usable(&self) -> bool {
-        self.established && !self.troubled
-    }
-
-    fn busy(&self) -> bool {
-        !self.inflight.is_empty() || self.ping_at.is_some()
-    }
-
-    fn trouble_timeout(&self, cfg: &SessionConfig) -> Duration {
-        let rtt = self.srtt.unwrap_or_else(|| self.network.rtt());
-        (rtt * 3 + cfg.ack_delay).max(cfg.min_trouble)
-    }
-}
-
 /// What a HELLO says, as the accepting side needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -306,33 +174,6 @@ pub struct Hello {
     pub network: NetworkInfo,
 }
 
-/// A network as the accepting side knows it: described by the peer in HELLO.
-pub fn network_from_info(info: &NetworkInfo, path: PathId) -> Network {
-    let mut n = Network::new(&info.name, &format!("{}#{path}", info.name), info.kind);
-    n.metered = info.metered;
-    let opt = |v: u64| (v != 0).then_some(v);
-    n.declared = Figures {
-        // The peer's down is our up, and the other way round.
-        bandwidth_down: opt(info.bandwidth_up),
-        bandwidth_up: opt(info.bandwidth_down),
-        rtt: (info.rtt_us != 0).then(|| Duration::from_micros(u64::from(info.rtt_us))),
-    };
-    n
-}
-
-/// How the connecting side describes one of its networks in HELLO.
-pub fn info_from_network(n: &Network) -> NetworkInfo {
-    let (down, up, rtt) = n.figures();
-    NetworkInfo {
-        name: n.name.clone(),
-        kind: n.kind,
-        metered: n.metered,
-        bandwidth_down: down,
-        bandwidth_up: up,
-        rtt_us: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
-    }
-}
-
 /// One multi-socket's protocol state.
 pub struct Session {
     role: Role,
@@ -341,28 +182,10 @@ pub struct Session {
     policy: Arc<Policy>,
     paths: BTreeMap<PathId, PathState>,
     events: VecDeque<Event>,
-    // Sending.
-    next_offset: u64,
-    /// Every chunk not yet acknowledged: offset → length. The authority on what is still owed.
-    unacked: BTreeMap<u64, usize>,
-    send_region: BytesMut,
-    acked_chunks: usize,
-    buffered: usize,
+    tx: SendBuffer,
     /// Chunks that no usable path may carry now, by offset.
     waiting: BTreeMap<u64, Chunk>,
-    peer_window: u64,
-    fin: Option<u64>,
-    fin_acked: bool,
-    // Receiving.
-    rx_cumulative: u64,
-    rx_ooo: BTreeMap<u64, (Bytes, Labels)>,
-    ready: VecDeque<(Bytes, Labels)>,
-    /// Small in-order pieces being joined; read after `ready`.
-    ready_tail: Option<(BytesMut, Labels)>,
-    consumed: u64,
-    advertised: u64,
-    last_window_update: u64,
-    peer_fin: Option<u64>,
+    rx: Assembler,
     closed: Option<String>,
     /// Closed because the peer is gone (not by either side's close).
     aborted: bool,
@@ -375,32 +198,17 @@ impl Session {
     /// A new session. The connecting side names it; the accepting side takes the name from
     /// the first HELLO.
     pub fn new(role: Role, id: SessionId, cfg: SessionConfig, policy: Arc<Policy>) -> Session {
-        // The peer may send up to the initial window before our first ACK widens it.
-        let advertised = INITIAL_WINDOW;
         Session {
             role,
             id,
+            tx: SendBuffer::new(cfg.send_buffer, INITIAL_WINDOW),
+            // The peer may send up to the initial window before our first ACK widens it.
+            rx: Assembler::new(INITIAL_WINDOW, cfg.recv_window),
             cfg,
             policy,
             paths: BTreeMap::new(),
             events: VecDeque::new(),
-            next_offset: 0,
-            unacked: BTreeMap::new(),
-            send_region: BytesMut::new(),
-            acked_chunks: 0,
-            buffered: 0,
             waiting: BTreeMap::new(),
-            peer_window: INITIAL_WINDOW,
-            fin: None,
-            fin_acked: false,
-            rx_cumulative: 0,
-            rx_ooo: BTreeMap::new(),
-            ready: VecDeque::new(),
-            ready_tail: None,
-            consumed: 0,
-            advertised,
-            last_window_update: 0,
-            peer_fin: None,
             closed: None,
             aborted: false,
             ever_established: false,
@@ -474,8 +282,7 @@ impl Session {
             chunks.extend(p.queue.drain(..));
         }
         // Keep a chunk's first transmission marked as such (its RTT sample is valid).
-        let fresh: std::collections::HashSet<u64> =
-            chunks.iter().filter(|c| !c.retransmit).map(|c| c.offset).collect();
+        let fresh: HashSet<u64> = chunks.iter().filter(|c| !c.retransmit).map(|c| c.offset).collect();
         self.reassign(chunks);
         for p in self.paths.values_mut() {
             for c in p.queue.iter_mut() {
@@ -490,14 +297,13 @@ impl Session {
     /// goes to other paths at once, and the peer is told on another path.
     pub fn remove_path(&mut self, id: PathId, reason: &str, _now: Instant) {
         let Some(mut p) = self.paths.remove(&id) else { return };
-        let mut chunks: Vec<Chunk> = p.queue.drain(..).collect();
-        chunks.extend(std::mem::take(&mut p.inflight).into_values().map(|s| s.chunk));
+        let chunks = p.take_chunks();
         let had_ack = p.ack_now || p.ack_due.is_some();
         for (_, other) in self.paths.iter_mut().filter(|(_, o)| o.established) {
             Frame::PathDown { path: id }.encode(&mut other.control);
             other.fin_sent = false;
         }
-        if had_ack && let Some((_, other)) = self.paths.iter_mut().find(|(_, o)| o.established) {
+        if had_ack && let Some((_, other)) = self.paths.iter_mut().find(|(_, o)| o.usable()) {
             other.ack_now = true;
         }
         self.events.push_back(Event::PathDown {
@@ -512,23 +318,17 @@ impl Session {
 
     /// Paths and their figures.
     pub fn path_stats(&self) -> Vec<PathStats> {
-        self.paths
-            .iter()
-            .map(|(&id, p)| PathStats {
-                path: id,
-                network: p.network.clone(),
-                established: p.established,
-                troubled: p.troubled,
-                bytes_sent: p.bytes_sent,
-                bytes_received: p.bytes_received,
-                srtt: p.srtt,
-            })
-            .collect()
+        self.paths.iter().map(|(&id, p)| p.stats(id)).collect()
     }
 
     /// The paths, by id.
     pub fn path_ids(&self) -> Vec<PathId> {
         self.paths.keys().copied().collect()
+    }
+
+    /// The network of path `id`, if it exists.
+    pub fn path_network(&self, id: PathId) -> Option<&Network> {
+        self.paths.get(&id).map(|p| &p.network)
     }
 
     /// The path that `labels` would use now, if any.
@@ -548,7 +348,7 @@ impl Session {
         chunks.sort_by_key(|c| c.offset);
         let mut per_path: BTreeMap<PathId, Vec<Chunk>> = BTreeMap::new();
         for mut c in chunks {
-            if !self.unacked.contains_key(&c.offset) {
+            if !self.tx.owed(c.offset) {
                 continue;
             }
             c.retransmit = true;
@@ -576,12 +376,7 @@ impl Session {
     pub fn send(&mut self, data: &[u8], labels: Labels) -> Result<usize, SendError> {
         // Check first, so nothing is copied for a call that takes nothing.
         self.check_send(labels)?;
-        let n = data.len().min(self.send_room());
-        // Copied into one region that is reused once its chunks are acknowledged: no
-        // allocation per chunk on the hot path.
-        self.send_region.reserve(n.max(1 << 20));
-        self.send_region.extend_from_slice(&data[..n]);
-        let bytes = self.send_region.split().freeze();
+        let bytes = self.tx.copy_in(data);
         self.send_bytes(bytes, labels)
     }
 
@@ -593,135 +388,73 @@ impl Session {
                 SendError::Closed(r.clone())
             });
         }
-        if self.fin.is_some() {
+        if self.tx.fin().is_some() {
             return Err(SendError::Shutdown);
         }
         let path = self.path_for(labels).ok_or(SendError::NoNetwork)?;
-        if self.send_room() == 0 {
+        if self.tx.room() == 0 {
             return Err(SendError::Full);
         }
         Ok(path)
     }
 
     /// Like [`Session::send`], without copying `data`.
-    pub fn send_bytes(&mut self, mut data: Bytes, labels: Labels) -> Result<usize, SendError> {
+    pub fn send_bytes(&mut self, data: Bytes, labels: Labels) -> Result<usize, SendError> {
         let path = self.check_send(labels)?;
-        let room = self.send_room();
-        if data.len() > room {
-            data.truncate(room);
-        }
-        let n = data.len();
         let p = self.paths.get_mut(&path).ok_or(SendError::NoNetwork)?;
-        while !data.is_empty() {
-            let piece = data.split_to(self.cfg.chunk.min(data.len()));
-            let offset = self.next_offset;
-            self.next_offset += piece.len() as u64;
-            self.unacked.insert(offset, piece.len());
-            p.queue.push_back(Chunk { offset, labels, data: piece, retransmit: false });
-        }
-        self.buffered += n;
-        Ok(n)
+        Ok(self.tx.push(data, labels, self.cfg.chunk, |c| p.queue.push_back(c)))
     }
 
     /// Free bytes in the send buffer.
     pub fn send_room(&self) -> usize {
-        self.cfg.send_buffer.saturating_sub(self.buffered)
+        self.tx.room()
     }
 
     /// Bytes accepted and not yet acknowledged.
     pub fn unacked_bytes(&self) -> usize {
-        self.buffered
+        self.tx.unacked_bytes()
     }
 
     /// Stream bytes received in order so far (grows as data arrives, not as it is read).
     pub fn received_bytes(&self) -> u64 {
-        self.rx_cumulative
+        self.rx.received()
     }
 
     /// How many chunks the peer has acknowledged so far (grows with every acknowledgement
     /// that frees send buffer).
     pub fn acked_count(&self) -> usize {
-        self.acked_chunks
+        self.tx.acked_chunks()
     }
 
     /// Whether everything sent (and the end of stream, if shut down) is acknowledged.
     pub fn all_acked(&self) -> bool {
-        self.unacked.is_empty() && (self.fin.is_none() || self.fin_acked)
+        self.tx.all_acked()
     }
 
     /// Reads the next bytes, all with the same labels (a read never mixes two senders' labels).
     /// `Ok((0, _))` is the end of the stream.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<(usize, Labels), RecvError> {
-        self.flush_tail();
-        let Some((_, labels)) = self.ready.front() else {
-            if self.peer_fin == Some(self.rx_cumulative) {
-                return Ok((0, Labels::NONE));
+        match self.rx.read(buf) {
+            Some(r) => {
+                self.maybe_window_update();
+                Ok(r)
             }
-            return Err(self.recv_error());
-        };
-        let labels = *labels;
-        let mut n = 0;
-        while n < buf.len() {
-            let Some((data, l)) = self.ready.front_mut() else { break };
-            if *l != labels {
-                break;
-            }
-            let k = data.len().min(buf.len() - n);
-            buf[n..n + k].copy_from_slice(&data[..k]);
-            n += k;
-            if k == data.len() {
-                self.ready.pop_front();
-            } else {
-                let _ = data.split_to(k);
-            }
+            None if self.rx.at_fin() => Ok((0, Labels::NONE)),
+            None => Err(self.recv_error()),
         }
-        self.consumed += n as u64;
-        self.maybe_window_update();
-        Ok((n, labels))
     }
 
     /// Like [`Session::recv`] without copying: the next received bytes (at most `max`), all
     /// with the same labels, shared with the receive buffer. An empty result is the end of the
     /// stream.
     pub fn recv_bytes(&mut self, max: usize) -> Result<(Bytes, Labels), RecvError> {
-        self.flush_tail();
-        let Some((data, labels)) = self.ready.front_mut() else {
-            if self.peer_fin == Some(self.rx_cumulative) {
-                return Ok((Bytes::new(), Labels::NONE));
+        match self.rx.read_bytes(max) {
+            Some(r) => {
+                self.maybe_window_update();
+                Ok(r)
             }
-            return Err(self.recv_error());
-        };
-        let labels = *labels;
-        let out = if data.len() <= max {
-            self.ready.pop_front().map(|(d, _)| d).unwrap_or_default()
-        } else {
-            data.split_to(max)
-        };
-        self.consumed += out.len() as u64;
-        self.maybe_window_update();
-        Ok((out, labels))
-    }
-
-    /// Whether `recv` would give something (data, or the end of the stream).
-    pub fn readable(&self) -> bool {
-        !self.ready.is_empty()
-            || self.ready_tail.is_some()
-            || self.peer_fin == Some(self.rx_cumulative)
-            || self.closed.is_some()
-    }
-
-    /// Whether the peer ended its stream and everything before the end was read.
-    pub fn read_closed(&self) -> bool {
-        self.ready.is_empty() && self.ready_tail.is_none() && self.peer_fin == Some(self.rx_cumulative)
-    }
-
-    /// Ends our stream after what was sent (half-close). Idempotent.
-    pub fn shutdown(&mut self) {
-        if self.fin.is_none() {
-            self.fin = Some(self.next_offset);
-            for p in self.paths.values_mut() {
-                p.fin_sent = false;
-            }
+            None if self.rx.at_fin() => Ok((Bytes::new(), Labels::NONE)),
+            None => Err(self.recv_error()),
         }
     }
 
@@ -730,6 +463,31 @@ impl Session {
             Some(r) if self.aborted => RecvError::Reset(r.clone()),
             Some(r) => RecvError::Closed(r.clone()),
             None => RecvError::WouldBlock,
+        }
+    }
+
+    /// Whether `recv` would give something (data, the end of the stream, or an error).
+    pub fn readable(&self) -> bool {
+        self.rx.has_data() || self.rx.at_fin() || self.closed.is_some()
+    }
+
+    /// Whether the peer ended its stream and everything before the end was read.
+    pub fn read_closed(&self) -> bool {
+        self.rx.finished()
+    }
+
+    /// Pieces of received data held now (in order and out of order): what a peer cutting its
+    /// data small could try to multiply.
+    pub fn held_pieces(&self) -> usize {
+        self.rx.held_pieces()
+    }
+
+    /// Ends our stream after what was sent (half-close). Idempotent.
+    pub fn shutdown(&mut self) {
+        if self.tx.shutdown() {
+            for p in self.paths.values_mut() {
+                p.fin_sent = false;
+            }
         }
     }
 
@@ -763,73 +521,31 @@ impl Session {
 
     fn maybe_window_update(&mut self) {
         // Widen the peer's window once a quarter of it has been read.
-        if self.consumed - self.last_window_update >= self.cfg.recv_window / 4 {
-            self.last_window_update = self.consumed;
-            if let Some(p) = self.paths.values_mut().filter(|p| p.usable()).max_by_key(|p| p.last_rx) {
-                p.ack_now = true;
-            }
+        if self.rx.window_update_due()
+            && let Some(p) = self.paths.values_mut().filter(|p| p.usable()).max_by_key(|p| p.last_rx)
+        {
+            p.ack_now = true;
         }
     }
 
     // ----------------------------------------------------------------------------------------
     // Network side
 
-    /// Handles bytes read from path `id`. On error the path must be closed (and removed).
-    pub fn handle_input(&mut self, id: PathId, data: &[u8], now: Instant) -> Result<(), SessionError> {
-        self.handle_input_owned(id, BytesMut::from(data), now)
-    }
-
-    /// Like [`Session::handle_input`], taking the read buffer itself: received data is then
-    /// kept without copying it.
-    pub fn handle_input_owned(
-        &mut self,
-        id: PathId,
-        data: BytesMut,
-        now: Instant,
-    ) -> Result<(), SessionError> {
+    /// Handles one frame read from path `id`: the one input entry point (the driver decodes
+    /// in its reader with a [`FrameDecoder`]; tests and fuzz targets do the same). On error the
+    /// path must be closed (and removed); the session goes on.
+    pub fn handle_frame(&mut self, id: PathId, f: Frame, now: Instant) -> Result<(), SessionError> {
         let Some(p) = self.paths.get_mut(&id) else { return Ok(()) };
         p.last_rx = now;
-        p.decoder.push_owned(data);
-        let mut decoder = std::mem::take(&mut p.decoder);
-        let result = loop {
-            match decoder.next_frame() {
-                Ok(Some(f)) => {
-                    if let Err(e) = self.on_frame(id, f, now) {
-                        break Err(e);
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(SessionError::Frame(e)),
-            }
-        };
-        if let Some(p) = self.paths.get_mut(&id) {
-            p.decoder = decoder;
-        }
-        result
-    }
-
-    /// Handles one frame already decoded from path `id` (drivers that decode in their reader
-    /// use this; [`Session::handle_input`] decodes itself). On error the path must be closed.
-    pub fn handle_frame(&mut self, id: PathId, f: Frame, now: Instant) -> Result<(), SessionError> {
-        match self.paths.get_mut(&id) {
-            Some(p) => p.last_rx = now,
-            None => return Ok(()),
-        }
-        self.on_frame(id, f, now)
-    }
-
-    fn on_frame(&mut self, id: PathId, f: Frame, now: Instant) -> Result<(), SessionError> {
-        let established = self.paths.get(&id).is_some_and(|p| p.established);
+        let established = p.established;
         match f {
-            Frame::Hello { .. } => return Err(SessionError::Protocol("HELLO on an open path".into())),
+            Frame::Hello { .. } => return Err(ProtocolError::HelloOnOpenPath.into()),
             Frame::Welcome { version, session, path } => {
                 if self.role != Role::Connecting || established {
-                    return Err(SessionError::Protocol("unexpected WELCOME".into()));
+                    return Err(ProtocolError::UnexpectedWelcome.into());
                 }
                 if version != frame::VERSION || session != self.id || path != id {
-                    return Err(SessionError::Protocol(format!(
-                        "WELCOME for version {version}, session {session:?}, path {path} does not match"
-                    )));
+                    return Err(ProtocolError::WelcomeMismatch { version, path }.into());
                 }
                 let network = match self.paths.get_mut(&id) {
                     Some(p) => {
@@ -847,9 +563,7 @@ impl Session {
                 // path can fare better.
                 self.abort(&format!("the peer refused the session: {reason}"));
             }
-            _ if !established => {
-                return Err(SessionError::Protocol(format!("{} before the handshake", f.name())));
-            }
+            _ if !established => return Err(ProtocolError::BeforeHandshake { frame: f.name() }.into()),
             Frame::Data { offset, labels, data } => self.on_data(id, offset, labels, data, now)?,
             Frame::Ack { cumulative, window, ranges } => self.on_ack(id, cumulative, window, &ranges, now),
             Frame::Ping => {
@@ -858,19 +572,7 @@ impl Session {
                 }
             }
             Frame::Fin { offset } => {
-                if let Some(old) = self.peer_fin
-                    && old != offset
-                {
-                    return Err(SessionError::Protocol(format!("FIN moved from {old} to {offset}")));
-                }
-                if offset < self.rx_cumulative
-                    || self.rx_ooo.last_key_value().is_some_and(|(k, v)| k + v.0.len() as u64 > offset)
-                {
-                    return Err(SessionError::Protocol(format!(
-                        "FIN at {offset} is below data already received"
-                    )));
-                }
-                self.peer_fin = Some(offset);
+                self.rx.set_fin(offset)?;
                 if let Some(p) = self.paths.get_mut(&id) {
                     p.ack_now = true;
                 }
@@ -898,23 +600,13 @@ impl Session {
         data: Bytes,
         now: Instant,
     ) -> Result<(), SessionError> {
-        let end = offset + data.len() as u64;
-        if end > self.advertised {
-            return Err(SessionError::Protocol(format!(
-                "DATA up to {end} is beyond the window ({})",
-                self.advertised
-            )));
-        }
-        if let Some(fin) = self.peer_fin
-            && end > fin
-        {
-            return Err(SessionError::Protocol(format!("DATA up to {end} is beyond the FIN at {fin}")));
-        }
+        let len = data.len() as u64;
+        self.rx.insert(offset, labels, data)?;
         if let Some(p) = self.paths.get_mut(&id) {
             if !labels.contains(Labels::BACKGROUND) {
                 self.trickler.foreground(&p.network.interface, now);
             }
-            p.bytes_received += data.len() as u64;
+            p.bytes_received += len;
             p.data_since_ack += 1;
             // Every few chunks at once; otherwise within `ack_delay`: enough acknowledgements
             // to keep the sender's window open without a wakeup per chunk.
@@ -924,123 +616,21 @@ impl Session {
                 p.ack_due = Some(now + self.cfg.ack_delay);
             }
         }
-        self.insert_received(offset, labels, data);
         Ok(())
     }
 
-    /// Stores received bytes, keeping only what is new, and moves what is now contiguous to
-    /// the ready queue.
-    fn insert_received(&mut self, offset: u64, labels: Labels, mut data: Bytes) {
-        let mut start = offset;
-        if start < self.rx_cumulative {
-            let skip = (self.rx_cumulative - start).min(data.len() as u64) as usize;
-            let _ = data.split_to(skip);
-            start = self.rx_cumulative;
-        }
-        let end = start + data.len() as u64;
-        if data.is_empty() {
-            return;
-        }
-        // Pieces of [start, end) not already held.
-        let mut cursor = start;
-        let mut pieces = Vec::new();
-        let first = self.rx_ooo.range(..start).next_back().map(|(&k, _)| k).unwrap_or(start);
-        for (&k, (v, _)) in self.rx_ooo.range(first..end) {
-            let k_end = k + v.len() as u64;
-            if k_end <= cursor {
-                continue;
-            }
-            if k > cursor {
-                pieces.push((cursor, k));
-            }
-            cursor = cursor.max(k_end);
-        }
-        if cursor < end {
-            pieces.push((cursor, end));
-        }
-        for (s, e) in pieces {
-            if s != self.rx_cumulative && self.rx_ooo.len() >= MAX_OUT_OF_ORDER {
-                // Not acknowledged, so the sender resends it.
-                continue;
-            }
-            let slice = data.slice((s - start) as usize..(e - start) as usize);
-            let slice = if slice.len() < COPY_BELOW { Bytes::copy_from_slice(&slice) } else { slice };
-            self.rx_ooo.insert(s, (slice, labels));
-        }
-        while let Some(entry) = self.rx_ooo.first_entry() {
-            if *entry.key() != self.rx_cumulative {
-                break;
-            }
-            let (bytes, l) = entry.remove();
-            self.rx_cumulative += bytes.len() as u64;
-            self.push_ready(bytes, l);
-        }
-    }
-
-    /// Queues in-order bytes for the application, joining small pieces of the same labels.
-    fn push_ready(&mut self, bytes: Bytes, labels: Labels) {
-        if bytes.len() >= COPY_BELOW {
-            self.flush_tail();
-            self.ready.push_back((bytes, labels));
-            return;
-        }
-        if let Some((tail, l)) = &mut self.ready_tail
-            && *l == labels
-            && tail.len() + bytes.len() <= JOIN_MAX
-        {
-            tail.extend_from_slice(&bytes);
-            return;
-        }
-        self.flush_tail();
-        let mut tail = BytesMut::with_capacity(bytes.len().max(4096));
-        tail.extend_from_slice(&bytes);
-        self.ready_tail = Some((tail, labels));
-    }
-
-    fn flush_tail(&mut self) {
-        if let Some((tail, labels)) = self.ready_tail.take() {
-            self.ready.push_back((tail.freeze(), labels));
-        }
-    }
-
-    /// Pieces of received data held now (in order and out of order): what a peer cutting its
-    /// data small could try to multiply.
-    pub fn held_pieces(&self) -> usize {
-        self.ready.len() + usize::from(self.ready_tail.is_some()) + self.rx_ooo.len()
-    }
-
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {
-        self.peer_window = self.peer_window.max(window);
-        if let Some(fin) = self.fin
-            && cumulative > fin
-        {
-            self.fin_acked = true;
-        }
-        let covered = |offset: u64, len: usize| {
-            let end = offset + len as u64;
-            end <= cumulative || ranges.iter().any(|&(s, e)| s <= offset && end <= e)
-        };
-        // The authority: what is still owed. (`cumulative` counts the FIN as one more byte.)
-        let data_end = cumulative.min(self.next_offset);
-        let mut newly: Vec<u64> =
-            self.unacked.range(..data_end).filter(|(o, l)| covered(**o, **l)).map(|(&o, _)| o).collect();
-        for &(s, e) in ranges {
-            newly.extend(self.unacked.range(s..e).filter(|(o, l)| covered(**o, **l)).map(|(&o, _)| o));
-        }
-        for o in newly {
-            if let Some(len) = self.unacked.remove(&o) {
-                self.buffered -= len;
-                self.acked_chunks += 1;
-                self.waiting.remove(&o);
-            }
-        }
+        let waiting = &mut self.waiting;
+        self.tx.on_ack(cumulative, window, ranges, |o| {
+            waiting.remove(&o);
+        });
         // Per path: progress, RTT, recovery.
         let mut recovered = Vec::new();
         for (&id, p) in self.paths.iter_mut() {
             let done: Vec<u64> = p
                 .inflight
                 .iter()
-                .filter(|(o, s)| covered(**o, s.chunk.data.len()))
+                .filter(|(o, s)| send::covered(cumulative, ranges, **o, s.chunk.data.len()))
                 .map(|(&o, _)| o)
                 .collect();
             // Progress: its own data was acknowledged, or (idle) it answered at all. An ACK
@@ -1052,11 +642,7 @@ impl Session {
                 if let Some(sent) = p.inflight.remove(&o)
                     && !sent.chunk.retransmit
                 {
-                    let sample = now.saturating_duration_since(sent.at);
-                    p.srtt = Some(match p.srtt {
-                        None => sample,
-                        Some(s) => (s * 7 + sample) / 8,
-                    });
+                    p.sample_rtt(now.saturating_duration_since(sent.at));
                 }
             }
             if id == on {
@@ -1074,25 +660,6 @@ impl Session {
         if any_recovered {
             self.rechoose_queued();
         }
-    }
-
-    fn ack_frame(&mut self) -> Frame {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (&k, (v, _)) in &self.rx_ooo {
-            let e = k + v.len() as u64;
-            if let Some(last) = ranges.last_mut()
-                && last.1 == k
-            {
-                last.1 = e;
-            } else if ranges.len() == frame::MAX_RANGES {
-                break;
-            } else {
-                ranges.push((k, e));
-            }
-        }
-        let fin_extra = u64::from(self.peer_fin == Some(self.rx_cumulative));
-        self.advertised = self.advertised.max(self.consumed + self.cfg.recv_window);
-        Frame::Ack { cumulative: self.rx_cumulative + fin_extra, window: self.advertised, ranges }
     }
 
     /// A one-line summary of the sending state, for debugging.
@@ -1115,18 +682,13 @@ impl Session {
             .collect();
         format!(
             "next={} unacked={} buffered={} waiting={} peer_window={} paths=[{}]",
-            self.next_offset,
-            self.unacked.len(),
-            self.buffered,
+            self.tx.sent(),
+            self.tx.unacked_chunks(),
+            self.tx.unacked_bytes(),
             self.waiting.len(),
-            self.peer_window,
+            self.tx.peer_window(),
             paths.join("; ")
         )
-    }
-
-    /// The network of path `id`, if it exists.
-    pub fn path_network(&self, id: PathId) -> Option<&Network> {
-        self.paths.get(&id).map(|p| &p.network)
     }
 
     /// Whether [`Session::poll_transmit`] would give something for path `id` now (so a driver
@@ -1140,22 +702,21 @@ impl Session {
             return false;
         }
         let Some(front) = p.queue.front() else {
-            return self.fin.is_some() && !self.fin_acked && !p.fin_sent;
+            return self.tx.fin_owed() && !p.fin_sent;
         };
-        if !self.unacked.contains_key(&front.offset) {
+        if !self.tx.owed(front.offset) {
             return true;
         }
-        front.end() <= self.peer_window
+        self.tx.window_allows(front.end())
             && (p.paced_until.is_none() || !front.labels.contains(Labels::BACKGROUND))
     }
 
     /// The next bytes to write on path `id`, or `None` when it has nothing to send now.
     pub fn poll_transmit(&mut self, id: PathId, now: Instant) -> Option<Transmit> {
-        let needs_ack = self.paths.get(&id).is_some_and(|p| p.ack_now);
-        if needs_ack {
-            let ack = self.ack_frame();
+        if self.paths.get(&id).is_some_and(|p| p.ack_now) {
+            let (cumulative, window, ranges) = self.rx.ack();
             let p = self.paths.get_mut(&id)?;
-            ack.encode(&mut p.control);
+            Frame::Ack { cumulative, window, ranges }.encode(&mut p.control);
             p.ack_now = false;
             p.ack_due = None;
             p.data_since_ack = 0;
@@ -1167,11 +728,11 @@ impl Session {
         if !p.usable() || self.closed.is_some() {
             return None;
         }
-        while p.queue.front().is_some_and(|c| !self.unacked.contains_key(&c.offset)) {
+        while p.queue.front().is_some_and(|c| !self.tx.owed(c.offset)) {
             p.queue.pop_front();
         }
         if let Some(front) = p.queue.front() {
-            if front.end() > self.peer_window {
+            if !self.tx.window_allows(front.end()) {
                 return None;
             }
             if front.labels.contains(Labels::BACKGROUND) {
@@ -1197,8 +758,8 @@ impl Session {
             p.inflight.insert(c.offset, Sent { chunk: c, at: now });
             return Some(Transmit { header: Bytes::copy_from_slice(&header), payload });
         }
-        if let Some(offset) = self.fin
-            && !self.fin_acked
+        if let Some(offset) = self.tx.fin()
+            && self.tx.fin_owed()
             && !p.fin_sent
         {
             p.fin_sent = true;
@@ -1209,74 +770,62 @@ impl Session {
         None
     }
 
-    /// When [`Session::handle_timeout`] should run next.
+    /// When [`Session::handle_timeout`] should run next: the earliest of every path's timers.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        for p in self.paths.values() {
-            if let Some(t) = p.ack_due {
-                at(t);
-            }
-            if let Some(t) = p.paced_until {
-                at(t);
-            }
-            if !p.established {
-                continue;
-            }
-            if p.troubled {
-                at(p.ping_at.map_or(p.progress_at, |t| t) + Duration::from_secs(1));
-            } else if p.busy() {
-                at(p.progress_at + p.trouble_timeout(&self.cfg));
-            } else {
-                at(p.last_rx.max(p.progress_at) + self.cfg.ping_idle);
-            }
-        }
-        next
+        self.paths.values().flat_map(|p| Timer::ALL.iter().filter_map(|t| t.deadline(p, &self.cfg))).min()
     }
 
-    /// Runs what is due at `now`: delayed acknowledgements, trouble detection, probes.
+    /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<(PathId, Timer)> = self
+            .paths
+            .iter()
+            .flat_map(|(&id, p)| {
+                Timer::ALL
+                    .iter()
+                    .filter(|t| t.deadline(p, &self.cfg).is_some_and(|d| d <= now))
+                    .map(move |&t| (id, t))
+            })
+            .collect();
         let mut moved = Vec::new();
-        let cfg = self.cfg.clone();
-        for (&id, p) in self.paths.iter_mut() {
-            if p.ack_due.is_some_and(|t| t <= now) {
-                // Due now: it goes out with the path's next write. (Kept armed, the timer would
-                // fire again and again while the path's writer waits for the socket.)
-                p.ack_now = true;
-                p.ack_due = None;
-            }
-            if p.paced_until.is_some_and(|t| t <= now) {
-                p.paced_until = None;
-            }
-            if !p.established {
-                continue;
-            }
-            if p.troubled {
-                // Keep probing: an acknowledgement on it brings it back.
-                if p.ping_at.is_none_or(|t| now >= t + Duration::from_secs(1)) {
-                    Frame::Ping.encode(&mut p.control);
-                    p.ping_at = Some(now);
-                }
-            } else if p.busy() {
-                if now >= p.progress_at + p.trouble_timeout(&cfg) {
-                    p.troubled = true;
-                    moved.extend(p.queue.drain(..));
-                    moved.extend(std::mem::take(&mut p.inflight).into_values().map(|s| s.chunk));
-                    Frame::Ping.encode(&mut p.control);
-                    p.ping_at = Some(now);
-                    self.events.push_back(Event::PathTroubled { path: id });
-                }
-            } else if now >= p.last_rx.max(p.progress_at) + cfg.ping_idle {
-                Frame::Ping.encode(&mut p.control);
-                p.ping_at = Some(now);
-                p.progress_at = now;
-            }
+        for (id, timer) in due {
+            self.on_timer(id, timer, now, &mut moved);
         }
         if !moved.is_empty() {
             for p in self.paths.values_mut() {
                 p.fin_sent = false;
             }
             self.reassign(moved);
+        }
+    }
+
+    /// What each timer does; `moved` collects chunks taken off a path that became troubled.
+    fn on_timer(&mut self, id: PathId, timer: Timer, now: Instant, moved: &mut Vec<Chunk>) {
+        let Some(p) = self.paths.get_mut(&id) else { return };
+        match timer {
+            Timer::Ack => {
+                // Due now: it goes out with the path's next write.
+                p.ack_now = true;
+                p.ack_due = None;
+            }
+            Timer::Pace => p.paced_until = None,
+            Timer::Trouble => {
+                p.troubled = true;
+                moved.extend(p.take_chunks());
+                Frame::Ping.encode(&mut p.control);
+                p.ping_at = Some(now);
+                self.events.push_back(Event::PathTroubled { path: id });
+            }
+            Timer::Probe => {
+                // Keep probing: an acknowledgement on it brings it back.
+                Frame::Ping.encode(&mut p.control);
+                p.ping_at = Some(now);
+            }
+            Timer::IdlePing => {
+                Frame::Ping.encode(&mut p.control);
+                p.ping_at = Some(now);
+                p.progress_at = now;
+            }
         }
     }
 
@@ -1294,14 +843,11 @@ pub fn read_hello(decoder: &mut FrameDecoder) -> Result<Option<Hello>, SessionEr
         None => Ok(None),
         Some(Frame::Hello { version, session, path, join, network }) => {
             if version != frame::VERSION {
-                return Err(SessionError::Protocol(format!(
-                    "protocol version {version} is not supported (this side speaks {})",
-                    frame::VERSION
-                )));
+                return Err(ProtocolError::UnsupportedVersion { version }.into());
             }
             Ok(Some(Hello { session, path, join, network }))
         }
-        Some(other) => Err(SessionError::Protocol(format!("expected HELLO, got {}", other.name()))),
+        Some(other) => Err(ProtocolError::ExpectedHello { got: other.name() }.into()),
     }
 }
 

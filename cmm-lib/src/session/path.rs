@@ -1,0 +1,162 @@
+//! [`PathState`]: one physical connection as the session sees it — its handshake, what is
+//! queued for it and in flight on it, its round-trip time and whether it is troubled — and the
+//! figures applications see ([`PathStats`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use cmm_policy::{Figures, Network};
+
+use super::SessionConfig;
+use super::send::Chunk;
+use crate::frame::{NetworkInfo, PathId};
+
+/// Per-path figures for applications and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PathStats {
+    /// The path.
+    pub path: PathId,
+    /// Its network.
+    pub network: Network,
+    /// Whether it has completed its handshake.
+    pub established: bool,
+    /// Whether it is troubled now.
+    pub troubled: bool,
+    /// DATA payload bytes written on it (retransmissions included).
+    pub bytes_sent: u64,
+    /// DATA payload bytes received on it (duplicates included).
+    pub bytes_received: u64,
+    /// Smoothed round-trip time of acknowledgements on it.
+    pub srtt: Option<Duration>,
+}
+
+/// A chunk written on a path, and when.
+#[derive(Debug)]
+pub(super) struct Sent {
+    pub chunk: Chunk,
+    pub at: Instant,
+}
+
+/// One path's state.
+pub(super) struct PathState {
+    pub network: Network,
+    pub established: bool,
+    /// Control frames to write before any data.
+    pub control: BytesMut,
+    /// An ACK goes out with the next write.
+    pub ack_now: bool,
+    /// An ACK is due by then (the Ack timer).
+    pub ack_due: Option<Instant>,
+    pub data_since_ack: u32,
+    /// Chunks chosen for this path, not written yet.
+    pub queue: VecDeque<Chunk>,
+    /// Chunks written, not acknowledged, by offset.
+    pub inflight: BTreeMap<u64, Sent>,
+    /// When its own data (or, idle, a probe) was last acknowledged.
+    pub progress_at: Instant,
+    /// When the unanswered PING went out.
+    pub ping_at: Option<Instant>,
+    pub last_rx: Instant,
+    pub srtt: Option<Duration>,
+    pub troubled: bool,
+    pub fin_sent: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Background chunks wait for the trickler until then (the Pace timer).
+    pub paced_until: Option<Instant>,
+}
+
+impl PathState {
+    pub fn new(network: Network, established: bool, now: Instant) -> PathState {
+        PathState {
+            network,
+            established,
+            control: BytesMut::new(),
+            ack_now: false,
+            ack_due: None,
+            data_since_ack: 0,
+            queue: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            progress_at: now,
+            ping_at: None,
+            last_rx: now,
+            srtt: None,
+            troubled: false,
+            fin_sent: false,
+            bytes_sent: 0,
+            bytes_received: 0,
+            paced_until: None,
+        }
+    }
+
+    /// Whether new data may be put on it.
+    pub fn usable(&self) -> bool {
+        self.established && !self.troubled
+    }
+
+    /// Whether it waits for an answer: data in flight or an unanswered probe.
+    pub fn busy(&self) -> bool {
+        !self.inflight.is_empty() || self.ping_at.is_some()
+    }
+
+    /// How long it may go without acknowledging progress before it is troubled.
+    pub fn trouble_timeout(&self, cfg: &SessionConfig) -> Duration {
+        let rtt = self.srtt.unwrap_or_else(|| self.network.rtt());
+        (rtt * 3 + cfg.ack_delay).max(cfg.min_trouble)
+    }
+
+    /// Takes every chunk off it (queued and in flight), to be placed elsewhere.
+    pub fn take_chunks(&mut self) -> Vec<Chunk> {
+        let mut chunks: Vec<Chunk> = self.queue.drain(..).collect();
+        chunks.extend(std::mem::take(&mut self.inflight).into_values().map(|s| s.chunk));
+        chunks
+    }
+
+    /// Counts an RTT sample from a chunk acknowledged `sample` after it was written.
+    pub fn sample_rtt(&mut self, sample: Duration) {
+        self.srtt = Some(match self.srtt {
+            None => sample,
+            Some(s) => (s * 7 + sample) / 8,
+        });
+    }
+
+    pub fn stats(&self, path: PathId) -> PathStats {
+        PathStats {
+            path,
+            network: self.network.clone(),
+            established: self.established,
+            troubled: self.troubled,
+            bytes_sent: self.bytes_sent,
+            bytes_received: self.bytes_received,
+            srtt: self.srtt,
+        }
+    }
+}
+
+/// A network as the accepting side knows it: described by the peer in HELLO.
+pub fn network_from_info(info: &NetworkInfo, path: PathId) -> Network {
+    let mut n = Network::new(&info.name, &format!("{}#{path}", info.name), info.kind);
+    n.metered = info.metered;
+    let opt = |v: u64| (v != 0).then_some(v);
+    n.declared = Figures {
+        // The peer's down is our up, and the other way round.
+        bandwidth_down: opt(info.bandwidth_up),
+        bandwidth_up: opt(info.bandwidth_down),
+        rtt: (info.rtt_us != 0).then(|| Duration::from_micros(u64::from(info.rtt_us))),
+    };
+    n
+}
+
+/// How the connecting side describes one of its networks in HELLO.
+pub fn info_from_network(n: &Network) -> NetworkInfo {
+    let (down, up, rtt) = n.figures();
+    NetworkInfo {
+        name: n.name.clone(),
+        kind: n.kind,
+        metered: n.metered,
+        bandwidth_down: down,
+        bandwidth_up: up,
+        rtt_us: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+    }
+}
