@@ -15,6 +15,8 @@ use cmm_policy::{Labels, NetworkKind};
 pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
 pub const HEADER: usize = 5;
+/// Bytes of a DATA frame before its data: the header, offset and labels.
+pub const DATA_HEADER: usize = HEADER + 12;
 /// Largest payload accepted: a full data chunk plus its fields, with room to spare.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
 /// Largest data chunk a sender puts in one DATA frame.
@@ -257,8 +259,8 @@ impl Frame {
 
 /// The header and fixed fields of a DATA frame (17 bytes); the payload follows separately, so
 /// the sender can write it with a vectored write and never copy it.
-pub fn encode_data_header(offset: u64, labels: Labels, len: usize) -> [u8; HEADER + 12] {
-    let mut h = [0u8; HEADER + 12];
+pub fn encode_data_header(offset: u64, labels: Labels, len: usize) -> [u8; DATA_HEADER] {
+    let mut h = [0u8; DATA_HEADER];
     h[0] = kind::DATA;
     h[1..5].copy_from_slice(&((12 + len) as u32).to_be_bytes());
     h[5..13].copy_from_slice(&offset.to_be_bytes());

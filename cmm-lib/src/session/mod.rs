@@ -749,14 +749,19 @@ impl Session {
             if !c.labels.contains(Labels::BACKGROUND) {
                 self.trickler.foreground(&p.network.interface, now);
             }
-            let header = frame::encode_data_header(c.offset, c.labels, c.data.len());
+            // Headers are cut from one buffer a path reuses: no allocation per chunk.
+            if p.headers.capacity() - p.headers.len() < frame::DATA_HEADER {
+                p.headers.reserve(256 * frame::DATA_HEADER);
+            }
+            p.headers.extend_from_slice(&frame::encode_data_header(c.offset, c.labels, c.data.len()));
+            let header = p.headers.split().freeze();
             let payload = c.data.clone();
             if p.inflight.is_empty() {
                 p.progress_at = now;
             }
             p.bytes_sent += payload.len() as u64;
             p.inflight.insert(c.offset, Sent { chunk: c, at: now });
-            return Some(Transmit { header: Bytes::copy_from_slice(&header), payload });
+            return Some(Transmit { header, payload });
         }
         if let Some(offset) = self.tx.fin()
             && self.tx.fin_owed()

@@ -44,6 +44,8 @@ pub(super) struct PathState {
     pub established: bool,
     /// Control frames to write before any data.
     pub control: BytesMut,
+    /// Where DATA headers are written, a few hundred per allocation.
+    pub headers: BytesMut,
     /// An ACK goes out with the next write.
     pub ack_now: bool,
     /// An ACK is due by then (the Ack timer).
@@ -73,6 +75,7 @@ impl PathState {
             network,
             established,
             control: BytesMut::new(),
+            headers: BytesMut::new(),
             ack_now: false,
             ack_due: None,
             data_since_ack: 0,
