@@ -15,8 +15,10 @@ use cmm_policy::{Labels, NetworkKind};
 pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
 pub const HEADER: usize = 5;
-/// Bytes of a DATA frame before its data: the header, offset and labels.
-pub const DATA_HEADER: usize = HEADER + 12;
+/// DATA's fixed fields: sequence number, stream, offset, labels, flags.
+pub const DATA_FIELDS: usize = 8 + 4 + 8 + 4 + 1;
+/// Bytes of a DATA frame before its data.
+pub const DATA_HEADER: usize = HEADER + DATA_FIELDS;
 /// Largest payload accepted: a full data chunk plus its fields, with room to spare.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
 /// Largest data chunk a sender puts in one DATA frame.
@@ -43,6 +45,10 @@ impl fmt::Debug for SessionId {
 
 /// One physical connection within a session, numbered by the connecting side.
 pub type PathId = u32;
+
+/// One byte stream within a session. 0 is open from the start on both sides; the connecting
+/// side opens even numbers above it, the accepting side odd ones.
+pub type StreamId = u32;
 
 /// How the connecting side describes the network a path runs over, so that the accepting side
 /// can choose paths by labels too.
@@ -89,32 +95,67 @@ pub enum Frame {
         /// The path.
         path: PathId,
     },
-    /// Stream bytes at an offset, with the labels the sender used.
+    /// Bytes of one stream at an offset, with the labels the sender used; `fin` when the
+    /// stream ends after them. `seq` places the frame in the session's sequence space, which
+    /// acknowledgements count: every reliable frame takes `max(len, 1)` of it.
     Data {
+        /// Sequence number (session-wide, for acknowledgement).
+        seq: u64,
+        /// The stream.
+        stream: StreamId,
         /// Offset of the first byte in the stream.
         offset: u64,
         /// Labels.
         labels: Labels,
-        /// The bytes (at least one).
+        /// Whether the stream ends after these bytes.
+        fin: bool,
+        /// The bytes (empty only with `fin`).
         data: Bytes,
     },
-    /// What the receiver holds: everything below `cumulative`, plus `ranges`; and how far the
-    /// sender may go (`window`: the first offset it may not send).
+    /// What the receiver holds of the sequence space: everything below `cumulative`, plus
+    /// `ranges`; and how far the sender may go (`window`: the first sequence number it may not
+    /// use yet — the session-wide flow-control cap).
     Ack {
-        /// Every byte below this offset was received.
+        /// Every sequence number below this was received.
         cumulative: u64,
         /// Flow control limit.
         window: u64,
         /// Received ranges above `cumulative`, `[start, end)`, ascending, disjoint.
         ranges: Vec<(u64, u64)>,
     },
+    /// The sender may send stream bytes below `max` (per-stream flow control, credited as the
+    /// application reads). Reliable: it takes one sequence number.
+    MaxStreamData {
+        /// Sequence number.
+        seq: u64,
+        /// The stream.
+        stream: StreamId,
+        /// The first stream offset the sender may not send.
+        max: u64,
+    },
+    /// The sender abandons its half of a stream: no byte at or beyond `final_size` exists, and
+    /// those before it may never come. Reliable.
+    ResetStream {
+        /// Sequence number.
+        seq: u64,
+        /// The stream.
+        stream: StreamId,
+        /// Why, for the application.
+        code: u32,
+        /// The stream's final length.
+        final_size: u64,
+    },
+    /// The receiver will not read a stream any more: the sender should reset it. Reliable.
+    StopSending {
+        /// Sequence number.
+        seq: u64,
+        /// The stream.
+        stream: StreamId,
+        /// Why, for the application.
+        code: u32,
+    },
     /// Asks for an ACK on this path now (liveness probe).
     Ping,
-    /// The stream ends at this offset: no data at or beyond it will come.
-    Fin {
-        /// Final length of the stream.
-        offset: u64,
-    },
     /// A path of this session is gone (sent on another path, so the peer fails over at once).
     PathDown {
         /// The path.
@@ -135,9 +176,13 @@ mod kind {
     pub const DATA: u8 = 3;
     pub const ACK: u8 = 4;
     pub const PING: u8 = 5;
-    pub const FIN: u8 = 6;
+    /// Version 1's FIN, now a flag of DATA: unknown.
+    pub const RETIRED_FIN: u8 = 6;
     pub const PATH_DOWN: u8 = 7;
     pub const CLOSE: u8 = 8;
+    pub const MAX_STREAM_DATA: u8 = 9;
+    pub const RESET_STREAM: u8 = 10;
+    pub const STOP_SENDING: u8 = 11;
 }
 
 /// Why bytes from a peer are not a valid frame.
@@ -184,7 +229,9 @@ impl Frame {
             Frame::Data { .. } => "DATA",
             Frame::Ack { .. } => "ACK",
             Frame::Ping => "PING",
-            Frame::Fin { .. } => "FIN",
+            Frame::MaxStreamData { .. } => "MAX_STREAM_DATA",
+            Frame::ResetStream { .. } => "RESET_STREAM",
+            Frame::StopSending { .. } => "STOP_SENDING",
             Frame::PathDown { .. } => "PATH_DOWN",
             Frame::Close { .. } => "CLOSE",
         }
@@ -219,11 +266,33 @@ impl Frame {
                 out.put_u32(*path);
                 kind::WELCOME
             }
-            Frame::Data { offset, labels, data } => {
+            Frame::Data { seq, stream, offset, labels, fin, data } => {
+                out.put_u64(*seq);
+                out.put_u32(*stream);
                 out.put_u64(*offset);
                 out.put_u32(labels.bits());
+                out.put_u8(u8::from(*fin));
                 out.put_slice(data);
                 kind::DATA
+            }
+            Frame::MaxStreamData { seq, stream, max } => {
+                out.put_u64(*seq);
+                out.put_u32(*stream);
+                out.put_u64(*max);
+                kind::MAX_STREAM_DATA
+            }
+            Frame::ResetStream { seq, stream, code, final_size } => {
+                out.put_u64(*seq);
+                out.put_u32(*stream);
+                out.put_u32(*code);
+                out.put_u64(*final_size);
+                kind::RESET_STREAM
+            }
+            Frame::StopSending { seq, stream, code } => {
+                out.put_u64(*seq);
+                out.put_u32(*stream);
+                out.put_u32(*code);
+                kind::STOP_SENDING
             }
             Frame::Ack { cumulative, window, ranges } => {
                 out.put_u64(*cumulative);
@@ -237,10 +306,6 @@ impl Frame {
                 kind::ACK
             }
             Frame::Ping => kind::PING,
-            Frame::Fin { offset } => {
-                out.put_u64(*offset);
-                kind::FIN
-            }
             Frame::PathDown { path } => {
                 out.put_u32(*path);
                 kind::PATH_DOWN
@@ -257,14 +322,24 @@ impl Frame {
     }
 }
 
-/// The header and fixed fields of a DATA frame (17 bytes); the payload follows separately, so
-/// the sender can write it with a vectored write and never copy it.
-pub fn encode_data_header(offset: u64, labels: Labels, len: usize) -> [u8; DATA_HEADER] {
+/// The header and fixed fields of a DATA frame ([`DATA_HEADER`] bytes); the payload follows
+/// separately, so a chunk is written without copying it into a frame.
+pub fn encode_data_header(
+    seq: u64,
+    stream: StreamId,
+    offset: u64,
+    labels: Labels,
+    fin: bool,
+    len: usize,
+) -> [u8; DATA_HEADER] {
     let mut h = [0u8; DATA_HEADER];
     h[0] = kind::DATA;
-    h[1..5].copy_from_slice(&((12 + len) as u32).to_be_bytes());
-    h[5..13].copy_from_slice(&offset.to_be_bytes());
-    h[13..17].copy_from_slice(&labels.bits().to_be_bytes());
+    h[1..5].copy_from_slice(&((DATA_FIELDS + len) as u32).to_be_bytes());
+    h[5..13].copy_from_slice(&seq.to_be_bytes());
+    h[13..17].copy_from_slice(&stream.to_be_bytes());
+    h[17..25].copy_from_slice(&offset.to_be_bytes());
+    h[25..29].copy_from_slice(&labels.bits().to_be_bytes());
+    h[29] = u8::from(fin);
     h
 }
 
@@ -372,17 +447,41 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
             Ok(Frame::Welcome { version, session, path })
         }
         kind::DATA => {
-            need("DATA", len > 12 && len - 12 <= MAX_CHUNK)?;
+            need("DATA", len >= DATA_FIELDS && len - DATA_FIELDS <= MAX_CHUNK)?;
             let mut f = fields("DATA");
-            let offset = f.u64()?;
+            let (seq, stream, offset) = (f.u64()?, f.u32()?, f.u64()?);
             let bits = f.u32()?;
             let labels =
                 Labels::from_bits(bits).map_err(|e| FrameError::BadField(format!("DATA labels: {e}")))?;
+            let fin = f.flag("fin flag")?;
             let data = f.rest();
-            if offset.checked_add(data.len() as u64).is_none() {
+            if data.is_empty() && !fin {
+                return Err(FrameError::BadField("DATA without bytes or FIN".into()));
+            }
+            if offset.checked_add(data.len() as u64).is_none()
+                || seq.checked_add(data.len().max(1) as u64).is_none()
+            {
                 return Err(FrameError::BadField("DATA offset overflows".into()));
             }
-            Ok(Frame::Data { offset, labels, data })
+            Ok(Frame::Data { seq, stream, offset, labels, fin, data })
+        }
+        kind::MAX_STREAM_DATA => {
+            let mut f = fields("MAX_STREAM_DATA");
+            let (seq, stream, max) = (f.u64()?, f.u32()?, f.u64()?);
+            f.exactly(0)?;
+            Ok(Frame::MaxStreamData { seq, stream, max })
+        }
+        kind::RESET_STREAM => {
+            let mut f = fields("RESET_STREAM");
+            let (seq, stream, code, final_size) = (f.u64()?, f.u32()?, f.u32()?, f.u64()?);
+            f.exactly(0)?;
+            Ok(Frame::ResetStream { seq, stream, code, final_size })
+        }
+        kind::STOP_SENDING => {
+            let mut f = fields("STOP_SENDING");
+            let (seq, stream, code) = (f.u64()?, f.u32()?, f.u32()?);
+            f.exactly(0)?;
+            Ok(Frame::StopSending { seq, stream, code })
         }
         kind::ACK => {
             let mut f = fields("ACK");
@@ -406,12 +505,6 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
         kind::PING => {
             need("PING", len == 0)?;
             Ok(Frame::Ping)
-        }
-        kind::FIN => {
-            let mut f = fields("FIN");
-            let offset = f.u64()?;
-            f.exactly(0)?;
-            Ok(Frame::Fin { offset })
         }
         kind::PATH_DOWN => {
             let mut f = fields("PATH_DOWN");
@@ -487,7 +580,7 @@ impl FrameDecoder {
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLong(len));
         }
-        if !(kind::HELLO..=kind::CLOSE).contains(&code) {
+        if !(kind::HELLO..=kind::STOP_SENDING).contains(&code) || code == kind::RETIRED_FIN {
             return Err(FrameError::UnknownType(code));
         }
         if self.buf.len() < HEADER + len {
@@ -535,13 +628,26 @@ mod tests {
         });
         roundtrip(Frame::Welcome { version: VERSION, session: SessionId([1; 16]), path: 9 });
         roundtrip(Frame::Data {
+            seq: 7,
+            stream: 4,
             offset: 1 << 40,
             labels: Labels::BACKGROUND,
+            fin: false,
             data: Bytes::from_static(b"hello"),
         });
+        roundtrip(Frame::Data {
+            seq: 8,
+            stream: 4,
+            offset: 9,
+            labels: Labels::NONE,
+            fin: true,
+            data: Bytes::new(),
+        });
+        roundtrip(Frame::MaxStreamData { seq: 9, stream: 3, max: 1 << 30 });
+        roundtrip(Frame::ResetStream { seq: 10, stream: 3, code: 42, final_size: 1000 });
+        roundtrip(Frame::StopSending { seq: 11, stream: 5, code: 7 });
         roundtrip(Frame::Ack { cumulative: 10, window: 1 << 23, ranges: vec![(20, 30), (40, 41)] });
         roundtrip(Frame::Ping);
-        roundtrip(Frame::Fin { offset: 99 });
         roundtrip(Frame::PathDown { path: 2 });
         roundtrip(Frame::Close { code: 0, reason: "bye".into() });
     }
@@ -549,8 +655,16 @@ mod tests {
     #[test]
     fn data_header_matches_encode() {
         let mut out = BytesMut::new();
-        Frame::Data { offset: 5, labels: Labels::SMALL, data: Bytes::from_static(b"xyz") }.encode(&mut out);
-        assert_eq!(&out[..17], &encode_data_header(5, Labels::SMALL, 3));
+        Frame::Data {
+            seq: 2,
+            stream: 6,
+            offset: 5,
+            labels: Labels::SMALL,
+            fin: true,
+            data: Bytes::from_static(b"xyz"),
+        }
+        .encode(&mut out);
+        assert_eq!(&out[..DATA_HEADER], &encode_data_header(2, 6, 5, Labels::SMALL, true, 3));
     }
 
     #[test]
@@ -567,9 +681,12 @@ mod tests {
         // Conflicting labels in DATA.
         let mut out = BytesMut::new();
         out.put_u8(kind::DATA);
-        out.put_u32(13);
+        out.put_u32(DATA_FIELDS as u32 + 1);
+        out.put_u64(0);
+        out.put_u32(0);
         out.put_u64(0);
         out.put_u32(0x4 | 0x8);
+        out.put_u8(0);
         out.put_u8(1);
         let mut d = FrameDecoder::new();
         d.push(&out);
@@ -605,7 +722,7 @@ mod tests {
 
         #[test]
         fn data_frames_round_trip(offset in 0u64..u64::MAX / 2, data in proptest::collection::vec(any::<u8>(), 1..2000)) {
-            let f = Frame::Data { offset, labels: Labels::ONDEMAND, data: Bytes::from(data) };
+            let f = Frame::Data { seq: offset / 2, stream: 2, offset, labels: Labels::ONDEMAND, fin: false, data: Bytes::from(data) };
             let mut out = BytesMut::new();
             f.encode(&mut out);
             let mut d = FrameDecoder::new();

@@ -67,6 +67,9 @@ fn send_error(e: SendError) -> io::Error {
         SendError::Shutdown => io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()),
         SendError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
         SendError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
+        SendError::NoStream(_) => io::Error::new(io::ErrorKind::NotConnected, e.to_string()),
+        SendError::Stopped(_) => io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()),
+        SendError::TooManyStreams => io::Error::other(e.to_string()),
     }
 }
 
@@ -75,6 +78,10 @@ fn recv_error(e: RecvError) -> io::Error {
     match e {
         RecvError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
         RecvError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
+        RecvError::NoStream(id) => io::Error::new(io::ErrorKind::NotConnected, format!("no stream {id}")),
+        RecvError::StreamReset(code) => {
+            io::Error::new(io::ErrorKind::ConnectionReset, format!("the peer reset the stream (code {code})"))
+        }
         RecvError::WouldBlock => io::ErrorKind::WouldBlock.into(),
     }
 }

@@ -1,7 +1,7 @@
 //! What can go wrong in a session: for the application ([`SendError`], [`RecvError`]) and on
 //! one path ([`SessionError`], with one [`ProtocolError`] variant per rule a peer can break).
 
-use crate::frame::{FrameError, PathId};
+use crate::frame::{FrameError, PathId, StreamId};
 
 /// Why `send` took nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +21,15 @@ pub enum SendError {
     /// The peer is gone for good (see [`super::Session::abort`]).
     #[error("{0}")]
     Reset(String),
+    /// No such stream (never opened, or over).
+    #[error("no stream {0}")]
+    NoStream(StreamId),
+    /// The peer asked us to stop sending on the stream, with this code.
+    #[error("the peer stopped reading the stream (code {0})")]
+    Stopped(u32),
+    /// Stream numbers are used up.
+    #[error("no stream number left")]
+    TooManyStreams,
 }
 
 /// Why `recv` gave nothing.
@@ -32,6 +41,10 @@ pub enum RecvError {
     Closed(String),
     /// The peer is gone for good (see [`super::Session::abort`]).
     Reset(String),
+    /// No such stream (never opened, or over).
+    NoStream(StreamId),
+    /// The peer reset the stream, with this code.
+    StreamReset(u32),
 }
 
 /// A protocol violation on one path; the driver closes that path (the session goes on).
@@ -104,6 +117,18 @@ pub enum ProtocolError {
         from: u64,
         /// The new one.
         to: u64,
+    },
+    /// A frame for a stream of ours that we never opened.
+    #[error("stream {stream} was never opened")]
+    UnopenedStream {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// More streams open at once than allowed.
+    #[error("more than {limit} streams open at once")]
+    TooManyStreams {
+        /// The limit.
+        limit: usize,
     },
     /// A FIN below data already received.
     #[error("FIN at {offset} is below data already received")]

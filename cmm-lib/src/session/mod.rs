@@ -37,19 +37,21 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use cmm_policy::{Decision, Labels, Network, Policy};
 
-use crate::frame::{self, Frame, FrameDecoder, NetworkInfo, PathId, SessionId};
+use crate::frame::{self, Frame, FrameDecoder, NetworkInfo, PathId, SessionId, StreamId};
 use crate::trickle::{Direction, Trickler};
 
 mod error;
 mod path;
 mod recv;
 mod send;
+mod stream;
 mod timer;
 
 pub use error::{ProtocolError, RecvError, SendError, SessionError};
 pub use path::{PathStats, info_from_network, network_from_info};
-pub use recv::{Assembler, COPY_BELOW, JOIN_MAX, MAX_HELD, MAX_OUT_OF_ORDER};
-pub use send::{Chunk, SendBuffer};
+pub use recv::{Assembler, COPY_BELOW, JOIN_MAX, MAX_HELD, MAX_OUT_OF_ORDER, Received};
+pub use send::{Body, Chunk, SendBuffer, SendStream};
+pub use stream::{INITIAL_STREAM_WINDOW, MAX_STREAMS, RecvStream, Stream};
 pub use timer::Timer;
 
 use path::{PathState, Sent};
@@ -65,8 +67,11 @@ pub const INITIAL_WINDOW: u64 = 1 << 20;
 pub struct SessionConfig {
     /// Most bytes accepted from the application and not yet acknowledged.
     pub send_buffer: usize,
-    /// Most bytes received and not yet read by the application.
+    /// Most bytes received and not yet read by the application, all streams together (and
+    /// stream 0's own window).
     pub recv_window: u64,
+    /// Each other stream's window: most of its bytes received and not yet read.
+    pub stream_window: u64,
     /// Largest data chunk.
     pub chunk: usize,
     /// How long an acknowledgement may wait for more data to cover.
@@ -82,6 +87,7 @@ impl Default for SessionConfig {
         SessionConfig {
             send_buffer: 8 << 20,
             recv_window: 8 << 20,
+            stream_window: 1 << 20,
             chunk: frame::MAX_CHUNK,
             ack_delay: Duration::from_millis(5),
             min_trouble: Duration::from_millis(300),
@@ -97,6 +103,16 @@ pub enum Role {
     Connecting,
     /// The side that accepts paths; it never dials.
     Accepting,
+}
+
+impl Role {
+    /// The other side.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Connecting => Role::Accepting,
+            Role::Accepting => Role::Connecting,
+        }
+    }
 }
 
 /// Something the driver (or the application) should know.
@@ -183,9 +199,26 @@ pub struct Session {
     paths: BTreeMap<PathId, PathState>,
     events: VecDeque<Event>,
     tx: SendBuffer,
-    /// Chunks that no usable path may carry now, by offset.
+    /// Chunks that no usable path may carry now, by sequence number.
     waiting: BTreeMap<u64, Chunk>,
-    rx: Assembler,
+    /// Which of the peer's sequence numbers arrived (what ACKs say).
+    received: Received,
+    /// The session window last advertised (the first sequence number the peer may not use).
+    advertised: u64,
+    /// Stream bytes the application has read, all streams, and when the session window was
+    /// last widened for them.
+    consumed: u64,
+    last_window_update: u64,
+    streams: BTreeMap<StreamId, Stream>,
+    /// The next stream this side opens.
+    next_stream: StreamId,
+    /// The highest stream the peer opened; streams it opened below that and not in `streams`
+    /// are over.
+    peer_max_stream: Option<StreamId>,
+    /// Streams the peer opened, not yet accepted.
+    incoming: VecDeque<StreamId>,
+    /// Credit the peer granted (MAX_STREAM_DATA received): progress for blocked senders.
+    credits: usize,
     closed: Option<String>,
     /// Closed because the peer is gone (not by either side's close).
     aborted: bool,
@@ -198,17 +231,28 @@ impl Session {
     /// A new session. The connecting side names it; the accepting side takes the name from
     /// the first HELLO.
     pub fn new(role: Role, id: SessionId, cfg: SessionConfig, policy: Arc<Policy>) -> Session {
+        let mut streams = BTreeMap::new();
+        // Stream 0, open on both sides: the peer may send up to the initial window on it before
+        // our first credit.
+        streams.insert(0, Stream::new(INITIAL_WINDOW, INITIAL_WINDOW, cfg.recv_window));
         Session {
             role,
             id,
             tx: SendBuffer::new(cfg.send_buffer, INITIAL_WINDOW),
-            // The peer may send up to the initial window before our first ACK widens it.
-            rx: Assembler::new(INITIAL_WINDOW, cfg.recv_window),
+            waiting: BTreeMap::new(),
+            received: Received::default(),
+            advertised: INITIAL_WINDOW,
+            consumed: 0,
+            last_window_update: 0,
+            streams,
+            next_stream: if role == Role::Connecting { 2 } else { 1 },
+            peer_max_stream: None,
+            incoming: VecDeque::new(),
+            credits: 0,
             cfg,
             policy,
             paths: BTreeMap::new(),
             events: VecDeque::new(),
-            waiting: BTreeMap::new(),
             closed: None,
             aborted: false,
             ever_established: false,
@@ -267,9 +311,6 @@ impl Session {
 
     fn path_usable(&mut self, id: PathId, network: Network) {
         self.events.push_back(Event::PathUp { path: id, network });
-        if let Some(p) = self.paths.get_mut(&id) {
-            p.fin_sent = false;
-        }
         self.rechoose_queued();
     }
 
@@ -282,11 +323,11 @@ impl Session {
             chunks.extend(p.queue.drain(..));
         }
         // Keep a chunk's first transmission marked as such (its RTT sample is valid).
-        let fresh: HashSet<u64> = chunks.iter().filter(|c| !c.retransmit).map(|c| c.offset).collect();
+        let fresh: HashSet<u64> = chunks.iter().filter(|c| !c.retransmit).map(|c| c.seq).collect();
         self.reassign(chunks);
         for p in self.paths.values_mut() {
             for c in p.queue.iter_mut() {
-                if fresh.contains(&c.offset) {
+                if fresh.contains(&c.seq) {
                     c.retransmit = false;
                 }
             }
@@ -301,7 +342,6 @@ impl Session {
         let had_ack = p.ack_now || p.ack_due.is_some();
         for (_, other) in self.paths.iter_mut().filter(|(_, o)| o.established) {
             Frame::PathDown { path: id }.encode(&mut other.control);
-            other.fin_sent = false;
         }
         if had_ack && let Some((_, other)) = self.paths.iter_mut().find(|(_, o)| o.usable()) {
             other.ack_now = true;
@@ -345,17 +385,17 @@ impl Session {
     /// Moves chunks to the paths their labels choose now (before any new data there, since
     /// the receiver may be waiting for them), or to the waiting list.
     fn reassign(&mut self, mut chunks: Vec<Chunk>) {
-        chunks.sort_by_key(|c| c.offset);
+        chunks.sort_by_key(|c| c.seq);
         let mut per_path: BTreeMap<PathId, Vec<Chunk>> = BTreeMap::new();
         for mut c in chunks {
-            if !self.tx.owed(c.offset) {
+            if !self.tx.owed(c.seq) {
                 continue;
             }
             c.retransmit = true;
             match self.path_for(c.labels) {
                 Some(p) => per_path.entry(p).or_default().push(c),
                 None => {
-                    self.waiting.insert(c.offset, c);
+                    self.waiting.insert(c.seq, c);
                 }
             }
         }
@@ -368,44 +408,159 @@ impl Session {
         }
     }
 
+    /// Puts a new chunk on the path its labels choose, ahead of queued background chunks
+    /// unless it is background itself (ONDEMAND never waits behind a queued bulk transfer),
+    /// or on the waiting list.
+    fn place(&mut self, c: Chunk) {
+        match self.path_for(c.labels).and_then(|id| self.paths.get_mut(&id)) {
+            Some(p) => p.enqueue(c),
+            None => {
+                self.waiting.insert(c.seq, c);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Streams
+
+    /// Opens a stream of ours; the peer learns of it with its first bytes (or its FIN).
+    pub fn open_stream(&mut self) -> Result<StreamId, SendError> {
+        self.check_open()?;
+        let id = self.next_stream;
+        self.next_stream = id.checked_add(2).ok_or(SendError::TooManyStreams)?;
+        self.streams
+            .insert(id, Stream::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window));
+        Ok(id)
+    }
+
+    /// The next stream the peer opened, if any.
+    pub fn accept_stream(&mut self) -> Option<StreamId> {
+        self.incoming.pop_front()
+    }
+
+    /// Streams open now (0 included).
+    pub fn stream_ids(&self) -> Vec<StreamId> {
+        self.streams.keys().copied().collect()
+    }
+
+    /// The stream `id` for a frame from the peer: opened by it now if new. `None` for a stream
+    /// that is over (its late frames are acknowledged and dropped).
+    fn peer_stream(&mut self, id: StreamId) -> Result<Option<&mut Stream>, ProtocolError> {
+        if !self.streams.contains_key(&id) {
+            let theirs = stream::opened_by(id, self.role.peer());
+            if !theirs {
+                if id >= self.next_stream {
+                    return Err(ProtocolError::UnopenedStream { stream: id });
+                }
+                return Ok(None);
+            }
+            if self.peer_max_stream.is_some_and(|m| id <= m) {
+                return Ok(None);
+            }
+            // Opening a stream opens every lower one of the peer's not seen yet: their first
+            // frames may come later, over another path.
+            let first =
+                self.peer_max_stream.map_or(if self.role == Role::Accepting { 2 } else { 1 }, |m| m + 2);
+            let new = ((id - first) / 2 + 1) as usize;
+            let open = self.streams.keys().filter(|&&s| stream::opened_by(s, self.role.peer())).count();
+            if open + new > MAX_STREAMS {
+                return Err(ProtocolError::TooManyStreams { limit: MAX_STREAMS });
+            }
+            self.peer_max_stream = Some(id);
+            for k in (first..=id).step_by(2) {
+                self.streams.insert(
+                    k,
+                    Stream::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window),
+                );
+                self.incoming.push_back(k);
+            }
+        }
+        Ok(self.streams.get_mut(&id))
+    }
+
+    /// Drops a stream (not 0) whose both halves are over.
+    fn maybe_retire(&mut self, id: StreamId) {
+        if id != 0 && self.streams.get(&id).is_some_and(|s| s.send.done() && s.recv.done()) {
+            self.streams.remove(&id);
+        }
+    }
+
     // ----------------------------------------------------------------------------------------
     // Application side
 
-    /// Accepts up to the free send buffer from `data` for a path the labels choose. Returns
-    /// how many bytes were taken.
-    pub fn send(&mut self, data: &[u8], labels: Labels) -> Result<usize, SendError> {
-        // Check first, so nothing is copied for a call that takes nothing.
-        self.check_send(labels)?;
-        let bytes = self.tx.copy_in(data);
-        self.send_bytes(bytes, labels)
+    fn check_open(&self) -> Result<(), SendError> {
+        match &self.closed {
+            Some(r) if self.aborted => Err(SendError::Reset(r.clone())),
+            Some(r) => Err(SendError::Closed(r.clone())),
+            None => Ok(()),
+        }
     }
 
-    fn check_send(&self, labels: Labels) -> Result<PathId, SendError> {
-        if let Some(r) = &self.closed {
-            return Err(if self.aborted {
-                SendError::Reset(r.clone())
-            } else {
-                SendError::Closed(r.clone())
-            });
-        }
-        if self.tx.fin().is_some() {
-            return Err(SendError::Shutdown);
-        }
-        let path = self.path_for(labels).ok_or(SendError::NoNetwork)?;
-        if self.tx.room() == 0 {
-            return Err(SendError::Full);
-        }
-        Ok(path)
+    /// Accepts up to the free send buffer from `data` on stream 0 for a path the labels choose.
+    /// Returns how many bytes were taken.
+    pub fn send(&mut self, data: &[u8], labels: Labels) -> Result<usize, SendError> {
+        self.send_on(0, data, labels)
     }
 
     /// Like [`Session::send`], without copying `data`.
     pub fn send_bytes(&mut self, data: Bytes, labels: Labels) -> Result<usize, SendError> {
-        let path = self.check_send(labels)?;
-        let p = self.paths.get_mut(&path).ok_or(SendError::NoNetwork)?;
-        Ok(self.tx.push(data, labels, self.cfg.chunk, |c| p.queue.push_back(c)))
+        self.send_bytes_on(0, data, labels)
     }
 
-    /// Free bytes in the send buffer.
+    /// [`Session::send`] on stream `id`.
+    pub fn send_on(&mut self, id: StreamId, data: &[u8], labels: Labels) -> Result<usize, SendError> {
+        // Check first, so nothing is copied for a call that takes nothing.
+        let room = self.send_room_on(id, labels)?;
+        let bytes = self.tx.copy_in(data, room);
+        self.send_bytes_on(id, bytes, labels)
+    }
+
+    /// How much stream `id` takes now with `labels`, or why nothing.
+    fn send_room_on(&self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
+        self.check_open()?;
+        let s = self.streams.get(&id).ok_or(SendError::NoStream(id))?;
+        if let Some(code) = s.send.stopped {
+            return Err(SendError::Stopped(code));
+        }
+        if s.send.fin.is_some() || s.send.reset.is_some() {
+            return Err(SendError::Shutdown);
+        }
+        self.path_for(labels).ok_or(SendError::NoNetwork)?;
+        let room = self.tx.room().min(s.send.room());
+        if room == 0 {
+            return Err(SendError::Full);
+        }
+        Ok(room)
+    }
+
+    /// [`Session::send_bytes`] on stream `id`.
+    pub fn send_bytes_on(
+        &mut self,
+        id: StreamId,
+        mut data: Bytes,
+        labels: Labels,
+    ) -> Result<usize, SendError> {
+        let room = self.send_room_on(id, labels)?;
+        data.truncate(room);
+        let n = data.len();
+        let mut offset = match self.streams.get(&id) {
+            Some(s) => s.send.next_offset,
+            None => return Err(SendError::NoStream(id)),
+        };
+        while !data.is_empty() {
+            let piece = data.split_to(self.cfg.chunk.min(data.len()));
+            let len = piece.len() as u64;
+            let c = self.tx.push(labels, Body::Data { stream: id, offset, fin: false, data: piece });
+            offset += len;
+            self.place(c);
+        }
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.send.next_offset = offset;
+        }
+        Ok(n)
+    }
+
+    /// Free bytes in the send buffer (and the session window).
     pub fn send_room(&self) -> usize {
         self.tx.room()
     }
@@ -415,47 +570,87 @@ impl Session {
         self.tx.unacked_bytes()
     }
 
-    /// Stream bytes received in order so far (grows as data arrives, not as it is read).
+    /// How far the peer's frames have arrived (grows as data arrives, not as it is read).
     pub fn received_bytes(&self) -> u64 {
-        self.rx.received()
+        self.received.cumulative()
     }
 
-    /// How many chunks the peer has acknowledged so far (grows with every acknowledgement
-    /// that frees send buffer).
+    /// Grows whenever sending may go further: a chunk acknowledged, or credit granted.
     pub fn acked_count(&self) -> usize {
-        self.tx.acked_chunks()
+        self.tx.acked_chunks() + self.credits
     }
 
-    /// Whether everything sent (and the end of stream, if shut down) is acknowledged.
+    /// Whether everything sent (and every end of stream) is acknowledged.
     pub fn all_acked(&self) -> bool {
         self.tx.all_acked()
     }
 
-    /// Reads the next bytes, all with the same labels (a read never mixes two senders' labels).
-    /// `Ok((0, _))` is the end of the stream.
+    /// Reads the next bytes of stream 0, all with the same labels (a read never mixes two
+    /// senders' labels). `Ok((0, _))` is the end of the stream.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<(usize, Labels), RecvError> {
-        match self.rx.read(buf) {
-            Some(r) => {
-                self.maybe_window_update();
-                Ok(r)
-            }
-            None if self.rx.at_fin() => Ok((0, Labels::NONE)),
-            None => Err(self.recv_error()),
-        }
+        self.recv_on(0, buf)
     }
 
     /// Like [`Session::recv`] without copying: the next received bytes (at most `max`), all
     /// with the same labels, shared with the receive buffer. An empty result is the end of the
     /// stream.
     pub fn recv_bytes(&mut self, max: usize) -> Result<(Bytes, Labels), RecvError> {
-        match self.rx.read_bytes(max) {
-            Some(r) => {
-                self.maybe_window_update();
-                Ok(r)
+        self.recv_bytes_on(0, max)
+    }
+
+    /// [`Session::recv`] on stream `id`.
+    pub fn recv_on(&mut self, id: StreamId, buf: &mut [u8]) -> Result<(usize, Labels), RecvError> {
+        let got = self.streams.get_mut(&id).ok_or(RecvError::NoStream(id))?.recv.asm.read(buf);
+        match got {
+            Some((n, labels)) => {
+                self.consumed_on(id, n);
+                Ok((n, labels))
             }
-            None if self.rx.at_fin() => Ok((Bytes::new(), Labels::NONE)),
-            None => Err(self.recv_error()),
+            None => self.recv_end(id).map(|()| (0, Labels::NONE)),
         }
+    }
+
+    /// [`Session::recv_bytes`] on stream `id`.
+    pub fn recv_bytes_on(&mut self, id: StreamId, max: usize) -> Result<(Bytes, Labels), RecvError> {
+        let got = self.streams.get_mut(&id).ok_or(RecvError::NoStream(id))?.recv.asm.read_bytes(max);
+        match got {
+            Some((b, labels)) => {
+                self.consumed_on(id, b.len());
+                Ok((b, labels))
+            }
+            None => self.recv_end(id).map(|()| (Bytes::new(), Labels::NONE)),
+        }
+    }
+
+    /// Nothing to read on stream `id`: the end of it (`Ok`), or why not.
+    fn recv_end(&mut self, id: StreamId) -> Result<(), RecvError> {
+        let Some(s) = self.streams.get(&id) else { return Err(RecvError::NoStream(id)) };
+        if s.recv.asm.at_fin() {
+            self.maybe_retire(id);
+            return Ok(());
+        }
+        if let Some(code) = s.recv.reset {
+            return Err(RecvError::StreamReset(code));
+        }
+        Err(self.recv_error())
+    }
+
+    /// The application read `n` bytes of stream `id`: credit the peer when enough was read.
+    fn consumed_on(&mut self, id: StreamId, n: usize) {
+        self.consumed += n as u64;
+        self.maybe_credit(id);
+        self.maybe_window_update();
+    }
+
+    /// Sends the peer more credit on stream `id` once a quarter of its window can be added.
+    fn maybe_credit(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.recv.stopped || s.recv.reset.is_some() || !s.recv.asm.credit_due() {
+            return;
+        }
+        let max = s.recv.asm.advertise();
+        let c = self.tx.push(Labels::ONDEMAND, Body::MaxStreamData { stream: id, max });
+        self.place(c);
     }
 
     fn recv_error(&self) -> RecvError {
@@ -466,29 +661,82 @@ impl Session {
         }
     }
 
-    /// Whether `recv` would give something (data, the end of the stream, or an error).
+    /// Whether `recv` would give something on stream 0 (data, its end, or an error).
     pub fn readable(&self) -> bool {
-        self.rx.has_data() || self.rx.at_fin() || self.closed.is_some()
+        self.stream_readable(0)
     }
 
-    /// Whether the peer ended its stream and everything before the end was read.
-    pub fn read_closed(&self) -> bool {
-        self.rx.finished()
-    }
-
-    /// Pieces of received data held now (in order and out of order): what a peer cutting its
-    /// data small could try to multiply.
-    pub fn held_pieces(&self) -> usize {
-        self.rx.held_pieces()
-    }
-
-    /// Ends our stream after what was sent (half-close). Idempotent.
-    pub fn shutdown(&mut self) {
-        if self.tx.shutdown() {
-            for p in self.paths.values_mut() {
-                p.fin_sent = false;
+    /// Whether `recv_on(id)` would give something now (data, the end, a reset, or an error).
+    pub fn stream_readable(&self, id: StreamId) -> bool {
+        match self.streams.get(&id) {
+            Some(s) => {
+                s.recv.asm.has_data()
+                    || s.recv.asm.at_fin()
+                    || s.recv.reset.is_some()
+                    || self.closed.is_some()
             }
+            None => true,
         }
+    }
+
+    /// Whether the peer ended stream 0 and everything before the end was read.
+    pub fn read_closed(&self) -> bool {
+        self.streams.get(&0).is_some_and(|s| s.recv.asm.finished())
+    }
+
+    /// Pieces of received data held now, all streams (what a peer cutting its data small could
+    /// try to multiply).
+    pub fn held_pieces(&self) -> usize {
+        self.streams.values().map(|s| s.recv.asm.held_pieces()).sum()
+    }
+
+    /// Ends stream 0 after what was sent (half-close). Idempotent.
+    pub fn shutdown(&mut self) {
+        let _ = self.shutdown_stream(0);
+    }
+
+    /// Ends our half of stream `id` after what was sent (FIN). Idempotent.
+    pub fn shutdown_stream(&mut self, id: StreamId) -> Result<(), SendError> {
+        let s = self.streams.get_mut(&id).ok_or(SendError::NoStream(id))?;
+        if s.send.fin.is_some() || s.send.reset.is_some() {
+            return Ok(());
+        }
+        let offset = s.send.next_offset;
+        s.send.fin = Some(offset);
+        let c = self.tx.push(Labels::NONE, Body::Data { stream: id, offset, fin: true, data: Bytes::new() });
+        self.place(c);
+        Ok(())
+    }
+
+    /// Abandons our half of stream `id` with `code`: the peer's reads fail with it; bytes not
+    /// yet delivered may never be.
+    pub fn reset_stream(&mut self, id: StreamId, code: u32) -> Result<(), SendError> {
+        let s = self.streams.get_mut(&id).ok_or(SendError::NoStream(id))?;
+        if s.send.reset.is_some() || s.send.end_acked {
+            return Ok(());
+        }
+        s.send.reset = Some(code);
+        let final_size = s.send.next_offset;
+        let c = self.tx.push(Labels::ONDEMAND, Body::Reset { stream: id, code, final_size });
+        self.place(c);
+        Ok(())
+    }
+
+    /// Stops reading stream `id`: what arrived is dropped, and the peer is asked to reset its
+    /// half with `code`.
+    pub fn stop_sending(&mut self, id: StreamId, code: u32) -> Result<(), SendError> {
+        let s = self.streams.get_mut(&id).ok_or(SendError::NoStream(id))?;
+        if s.recv.stopped || s.recv.asm.finished() {
+            return Ok(());
+        }
+        s.recv.stopped = true;
+        let unread = s.recv.asm.unread();
+        s.recv.asm.discard();
+        self.consumed += unread as u64;
+        let c = self.tx.push(Labels::ONDEMAND, Body::StopSending { stream: id, code });
+        self.place(c);
+        self.maybe_retire(id);
+        Ok(())
     }
 
     /// Ends the session without a word to the peer, which is gone for good (every path reset,
@@ -520,11 +768,12 @@ impl Session {
     }
 
     fn maybe_window_update(&mut self) {
-        // Widen the peer's window once a quarter of it has been read.
-        if self.rx.window_update_due()
-            && let Some(p) = self.paths.values_mut().filter(|p| p.usable()).max_by_key(|p| p.last_rx)
-        {
-            p.ack_now = true;
+        // Widen the peer's session window once a quarter of it has been read.
+        if self.consumed - self.last_window_update >= self.cfg.recv_window / 4 {
+            self.last_window_update = self.consumed;
+            if let Some(p) = self.paths.values_mut().filter(|p| p.usable()).max_by_key(|p| p.last_rx) {
+                p.ack_now = true;
+            }
         }
     }
 
@@ -564,15 +813,43 @@ impl Session {
                 self.abort(&format!("the peer refused the session: {reason}"));
             }
             _ if !established => return Err(ProtocolError::BeforeHandshake { frame: f.name() }.into()),
-            Frame::Data { offset, labels, data } => self.on_data(id, offset, labels, data, now)?,
+            Frame::Data { seq, stream, offset, labels, fin, data } => {
+                self.on_data(id, seq, stream, offset, labels, fin, data, now)?
+            }
+            Frame::MaxStreamData { seq, stream, max } => {
+                if let Some(s) = self.peer_stream(stream)? {
+                    if max > s.send.max {
+                        s.send.max = max;
+                        self.credits += 1;
+                    }
+                }
+                self.on_reliable(id, seq, 1, now);
+            }
+            Frame::ResetStream { seq, stream, code, final_size } => {
+                if let Some(s) = self.peer_stream(stream)? {
+                    if s.recv.reset.is_none() && !s.recv.asm.finished() {
+                        s.recv.reset = Some(code);
+                        let unread = s.recv.asm.unread();
+                        s.recv.asm.discard();
+                        self.consumed += unread as u64;
+                    }
+                    let _ = final_size;
+                    self.maybe_retire(stream);
+                }
+                self.on_reliable(id, seq, 1, now);
+            }
+            Frame::StopSending { seq, stream, code } => {
+                if let Some(s) = self.peer_stream(stream)? {
+                    if s.send.stopped.is_none() {
+                        s.send.stopped = Some(code);
+                    }
+                    // The peer reads no more: our half ends with a reset.
+                    let _ = self.reset_stream(stream, code);
+                }
+                self.on_reliable(id, seq, 1, now);
+            }
             Frame::Ack { cumulative, window, ranges } => self.on_ack(id, cumulative, window, &ranges, now),
             Frame::Ping => {
-                if let Some(p) = self.paths.get_mut(&id) {
-                    p.ack_now = true;
-                }
-            }
-            Frame::Fin { offset } => {
-                self.rx.set_fin(offset)?;
                 if let Some(p) = self.paths.get_mut(&id) {
                     p.ack_now = true;
                 }
@@ -592,54 +869,91 @@ impl Session {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_data(
         &mut self,
         id: PathId,
+        seq: u64,
+        stream: StreamId,
         offset: u64,
         labels: Labels,
+        fin: bool,
         data: Bytes,
         now: Instant,
     ) -> Result<(), SessionError> {
-        let len = data.len() as u64;
-        self.rx.insert(offset, labels, data)?;
+        let len = data.len();
+        let kept = match self.peer_stream(stream)? {
+            // Over, reset or stopped: acknowledged and dropped.
+            None => true,
+            Some(s) if s.recv.stopped || s.recv.reset.is_some() => true,
+            Some(s) => {
+                let end = offset + len as u64;
+                let kept = s.recv.asm.insert(offset, labels, data)?;
+                if fin {
+                    s.recv.asm.set_fin(end)?;
+                }
+                kept
+            }
+        };
         if let Some(p) = self.paths.get_mut(&id) {
             if !labels.contains(Labels::BACKGROUND) {
                 self.trickler.foreground(&p.network.interface, now);
             }
-            p.bytes_received += len;
+            p.bytes_received += len as u64;
+        }
+        if kept {
+            self.on_reliable(id, seq, len.max(1) as u64, now);
+        }
+        self.maybe_credit(stream);
+        Ok(())
+    }
+
+    /// A reliable frame at `[seq, seq + len)` arrived on path `id`: it is acknowledged there,
+    /// every few frames at once, otherwise within `ack_delay` (enough acknowledgements to keep
+    /// the sender's window open without a wakeup per chunk).
+    fn on_reliable(&mut self, id: PathId, seq: u64, len: u64, now: Instant) {
+        if !self.received.insert(seq, seq + len) {
+            return;
+        }
+        if let Some(p) = self.paths.get_mut(&id) {
             p.data_since_ack += 1;
-            // Every few chunks at once; otherwise within `ack_delay`: enough acknowledgements
-            // to keep the sender's window open without a wakeup per chunk.
             if p.data_since_ack >= ACK_EVERY {
                 p.ack_now = true;
             } else if p.ack_due.is_none() {
                 p.ack_due = Some(now + self.cfg.ack_delay);
             }
         }
-        Ok(())
     }
 
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {
         let waiting = &mut self.waiting;
-        self.tx.on_ack(cumulative, window, ranges, |o| {
-            waiting.remove(&o);
+        let mut ended = Vec::new();
+        self.tx.on_ack(cumulative, window, ranges, |seq, ends| {
+            waiting.remove(&seq);
+            ended.extend(ends);
         });
+        for s in ended {
+            if let Some(st) = self.streams.get_mut(&s) {
+                st.send.end_acked = true;
+            }
+            self.maybe_retire(s);
+        }
         // Per path: progress, RTT, recovery.
         let mut recovered = Vec::new();
         for (&id, p) in self.paths.iter_mut() {
             let done: Vec<u64> = p
                 .inflight
                 .iter()
-                .filter(|(o, s)| send::covered(cumulative, ranges, **o, s.chunk.data.len()))
-                .map(|(&o, _)| o)
+                .filter(|(q, s)| send::covered(cumulative, ranges, **q, s.chunk.len()))
+                .map(|(&q, _)| q)
                 .collect();
             // Progress: its own data was acknowledged, or (idle) it answered at all. An ACK
             // arriving on a path whose data is not getting through proves nothing about it.
             if !done.is_empty() || (id == on && p.inflight.is_empty()) {
                 p.progress_at = now;
             }
-            for o in done {
-                if let Some(sent) = p.inflight.remove(&o)
+            for q in done {
+                if let Some(sent) = p.inflight.remove(&q)
                     && !sent.chunk.retransmit
                 {
                     p.sample_rtt(now.saturating_duration_since(sent.at));
@@ -662,6 +976,15 @@ impl Session {
         }
     }
 
+    /// The ACK to send now: what arrived, and the session window — widened to what arrived
+    /// plus the window, less what is held unread.
+    fn ack_frame(&mut self) -> Frame {
+        let unread: u64 = self.streams.values().map(|s| s.recv.asm.unread() as u64).sum();
+        let cumulative = self.received.cumulative();
+        self.advertised = self.advertised.max((cumulative + self.cfg.recv_window).saturating_sub(unread));
+        Frame::Ack { cumulative, window: self.advertised, ranges: self.received.ranges() }
+    }
+
     /// A one-line summary of the sending state, for debugging.
     pub fn debug_summary(&self) -> String {
         let paths: Vec<String> = self
@@ -674,19 +997,20 @@ impl Session {
                     p.established,
                     p.troubled,
                     p.queue.len(),
-                    p.queue.front().map(|c| (c.offset, c.end())),
+                    p.queue.front().map(|c| (c.seq, c.end())),
                     p.inflight.len(),
                     p.control.len()
                 )
             })
             .collect();
         format!(
-            "next={} unacked={} buffered={} waiting={} peer_window={} paths=[{}]",
-            self.tx.sent(),
+            "next={} unacked={} buffered={} waiting={} peer_window={} streams={} paths=[{}]",
+            self.tx.next_seq(),
             self.tx.unacked_chunks(),
             self.tx.unacked_bytes(),
             self.waiting.len(),
             self.tx.peer_window(),
+            self.streams.len(),
             paths.join("; ")
         )
     }
@@ -701,22 +1025,16 @@ impl Session {
         if !p.usable() || self.closed.is_some() {
             return false;
         }
-        let Some(front) = p.queue.front() else {
-            return self.tx.fin_owed() && !p.fin_sent;
-        };
-        if !self.tx.owed(front.offset) {
-            return true;
-        }
-        self.tx.window_allows(front.end())
-            && (p.paced_until.is_none() || !front.labels.contains(Labels::BACKGROUND))
+        let Some(front) = p.queue.front() else { return false };
+        !self.tx.owed(front.seq) || p.paced_until.is_none() || !front.background()
     }
 
     /// The next bytes to write on path `id`, or `None` when it has nothing to send now.
     pub fn poll_transmit(&mut self, id: PathId, now: Instant) -> Option<Transmit> {
         if self.paths.get(&id).is_some_and(|p| p.ack_now) {
-            let (cumulative, window, ranges) = self.rx.ack();
+            let ack = self.ack_frame();
             let p = self.paths.get_mut(&id)?;
-            Frame::Ack { cumulative, window, ranges }.encode(&mut p.control);
+            ack.encode(&mut p.control);
             p.ack_now = false;
             p.ack_due = None;
             p.data_since_ack = 0;
@@ -728,51 +1046,55 @@ impl Session {
         if !p.usable() || self.closed.is_some() {
             return None;
         }
-        while p.queue.front().is_some_and(|c| !self.tx.owed(c.offset)) {
+        while p.queue.front().is_some_and(|c| !self.tx.owed(c.seq)) {
             p.queue.pop_front();
         }
-        if let Some(front) = p.queue.front() {
-            if !self.tx.window_allows(front.end()) {
+        let front = p.queue.front()?;
+        if front.background() {
+            let wait = match p.paced_until {
+                Some(t) if t > now => Some(t - now),
+                _ => self.trickler.background_whole(&p.network, Direction::Up, front.payload_len(), now),
+            };
+            p.paced_until = wait.map(|w| now + w);
+            if p.paced_until.is_some() {
                 return None;
             }
-            if front.labels.contains(Labels::BACKGROUND) {
-                let wait = match p.paced_until {
-                    Some(t) if t > now => Some(t - now),
-                    _ => self.trickler.background_whole(&p.network, Direction::Up, front.data.len(), now),
-                };
-                p.paced_until = wait.map(|w| now + w);
-                if p.paced_until.is_some() {
-                    return None;
+        }
+        let c = p.queue.pop_front()?;
+        // Foreground data starts pacing background traffic there; control chunks do not.
+        if !c.background() && matches!(c.body, Body::Data { .. }) {
+            self.trickler.foreground(&p.network.interface, now);
+        }
+        let (header, payload) = match &c.body {
+            Body::Data { stream, offset, fin, data } => {
+                // Headers are cut from one buffer a path reuses: no allocation per chunk.
+                if p.headers.capacity() - p.headers.len() < frame::DATA_HEADER {
+                    p.headers.reserve(256 * frame::DATA_HEADER);
                 }
+                p.headers.extend_from_slice(&frame::encode_data_header(
+                    c.seq,
+                    *stream,
+                    *offset,
+                    c.labels,
+                    *fin,
+                    data.len(),
+                ));
+                (p.headers.split().freeze(), data.clone())
             }
-            let c = p.queue.pop_front()?;
-            if !c.labels.contains(Labels::BACKGROUND) {
-                self.trickler.foreground(&p.network.interface, now);
+            _ => {
+                let mut out = BytesMut::new();
+                if let Some(f) = c.control_frame() {
+                    f.encode(&mut out);
+                }
+                (out.freeze(), Bytes::new())
             }
-            // Headers are cut from one buffer a path reuses: no allocation per chunk.
-            if p.headers.capacity() - p.headers.len() < frame::DATA_HEADER {
-                p.headers.reserve(256 * frame::DATA_HEADER);
-            }
-            p.headers.extend_from_slice(&frame::encode_data_header(c.offset, c.labels, c.data.len()));
-            let header = p.headers.split().freeze();
-            let payload = c.data.clone();
-            if p.inflight.is_empty() {
-                p.progress_at = now;
-            }
-            p.bytes_sent += payload.len() as u64;
-            p.inflight.insert(c.offset, Sent { chunk: c, at: now });
-            return Some(Transmit { header, payload });
+        };
+        if p.inflight.is_empty() {
+            p.progress_at = now;
         }
-        if let Some(offset) = self.tx.fin()
-            && self.tx.fin_owed()
-            && !p.fin_sent
-        {
-            p.fin_sent = true;
-            let mut out = BytesMut::new();
-            Frame::Fin { offset }.encode(&mut out);
-            return Some(Transmit { header: out.freeze(), payload: Bytes::new() });
-        }
-        None
+        p.bytes_sent += payload.len() as u64;
+        p.inflight.insert(c.seq, Sent { chunk: c, at: now });
+        Some(Transmit { header, payload })
     }
 
     /// When [`Session::handle_timeout`] should run next: the earliest of every path's timers.
@@ -797,9 +1119,6 @@ impl Session {
             self.on_timer(id, timer, now, &mut moved);
         }
         if !moved.is_empty() {
-            for p in self.paths.values_mut() {
-                p.fin_sent = false;
-            }
             self.reassign(moved);
         }
     }

@@ -53,7 +53,7 @@ pub(super) struct PathState {
     pub data_since_ack: u32,
     /// Chunks chosen for this path, not written yet.
     pub queue: VecDeque<Chunk>,
-    /// Chunks written, not acknowledged, by offset.
+    /// Chunks written, not acknowledged, by sequence number.
     pub inflight: BTreeMap<u64, Sent>,
     /// When its own data (or, idle, a probe) was last acknowledged.
     pub progress_at: Instant,
@@ -62,7 +62,6 @@ pub(super) struct PathState {
     pub last_rx: Instant,
     pub srtt: Option<Duration>,
     pub troubled: bool,
-    pub fin_sent: bool,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Background chunks wait for the trickler until then (the Pace timer).
@@ -86,7 +85,6 @@ impl PathState {
             last_rx: now,
             srtt: None,
             troubled: false,
-            fin_sent: false,
             bytes_sent: 0,
             bytes_received: 0,
             paced_until: None,
@@ -107,6 +105,17 @@ impl PathState {
     pub fn trouble_timeout(&self, cfg: &SessionConfig) -> Duration {
         let rtt = self.srtt.unwrap_or_else(|| self.network.rtt());
         (rtt * 3 + cfg.ack_delay).max(cfg.min_trouble)
+    }
+
+    /// Queues a new chunk: background at the back, anything else ahead of the first queued
+    /// background chunk that is not a resend (resends go first: the peer may wait for them).
+    pub fn enqueue(&mut self, c: Chunk) {
+        if c.background() {
+            self.queue.push_back(c);
+            return;
+        }
+        let at = self.queue.iter().position(|q| q.background() && !q.retransmit).unwrap_or(self.queue.len());
+        self.queue.insert(at, c);
     }
 
     /// Takes every chunk off it (queued and in flight), to be placed elsewhere.

@@ -43,12 +43,12 @@ pub struct Assembler {
     consumed: u64,
     /// The first offset the peer may not send (flow control).
     advertised: u64,
-    /// `consumed` when the window was last widened.
-    last_update: u64,
     /// The window's size above what was read.
     window: u64,
     /// The end of the stream, once the peer said it.
     fin: Option<u64>,
+    /// In-order bytes not read yet.
+    buffered: usize,
 }
 
 impl Assembler {
@@ -62,14 +62,15 @@ impl Assembler {
             tail: None,
             consumed: 0,
             advertised: initial,
-            last_update: 0,
             window,
             fin: None,
+            buffered: 0,
         }
     }
 
-    /// Takes bytes at `offset`, keeping only what is new.
-    pub fn insert(&mut self, offset: u64, labels: Labels, mut data: Bytes) -> Result<(), ProtocolError> {
+    /// Takes bytes at `offset`, keeping only what is new. Returns whether all of it is held
+    /// now (false: some was dropped at a bound, so it must not be acknowledged).
+    pub fn insert(&mut self, offset: u64, labels: Labels, mut data: Bytes) -> Result<bool, ProtocolError> {
         let end = offset + data.len() as u64;
         if end > self.advertised {
             return Err(ProtocolError::BeyondWindow { end, window: self.advertised });
@@ -86,7 +87,7 @@ impl Assembler {
             start = self.cumulative;
         }
         if data.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         // Pieces of [start, end) not already held.
         let mut cursor = start;
@@ -105,11 +106,13 @@ impl Assembler {
         if cursor < end {
             pieces.push((cursor, end));
         }
+        let mut kept = true;
         for (s, e) in pieces {
             let full = self.held_pieces() >= MAX_HELD
                 || (s != self.cumulative && self.out_of_order.len() >= MAX_OUT_OF_ORDER);
             if full {
                 // Not acknowledged, so the sender resends it.
+                kept = false;
                 continue;
             }
             let slice = data.slice((s - start) as usize..(e - start) as usize);
@@ -122,9 +125,10 @@ impl Assembler {
             }
             let (bytes, l) = entry.remove();
             self.cumulative += bytes.len() as u64;
+            self.buffered += bytes.len();
             self.push_ready(bytes, l);
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// The peer ends the stream at `offset`.
@@ -189,6 +193,7 @@ impl Assembler {
             }
         }
         self.consumed += n as u64;
+        self.buffered -= n;
         Some((n, labels))
     }
 
@@ -203,6 +208,7 @@ impl Assembler {
             data.split_to(max)
         };
         self.consumed += out.len() as u64;
+        self.buffered -= out.len();
         Some((out, labels))
     }
 
@@ -231,34 +237,83 @@ impl Assembler {
         self.ready.len() + usize::from(self.tail.is_some()) + self.out_of_order.len()
     }
 
-    /// Whether enough was read since the last window update to send another (a quarter of
-    /// the window); counts it as sent.
-    pub fn window_update_due(&mut self) -> bool {
-        if self.consumed - self.last_update >= self.window / 4 {
-            self.last_update = self.consumed;
-            return true;
-        }
-        false
+    /// Whether the credit the reader could grant grew by a quarter of the window since it was
+    /// last advertised (then [`Assembler::advertise`] it).
+    pub fn credit_due(&self) -> bool {
+        self.consumed + self.window >= self.advertised + self.window / 4
     }
 
-    /// What an ACK says now: the cumulative offset (one more once the FIN is reached), the
-    /// window (widened to what was read plus the window), and up to [`MAX_RANGES`] ranges held
-    /// above it.
-    pub fn ack(&mut self) -> (u64, u64, Vec<(u64, u64)>) {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (&k, (v, _)) in &self.out_of_order {
-            let e = k + v.len() as u64;
-            if let Some(last) = ranges.last_mut()
-                && last.1 == k
-            {
-                last.1 = e;
-            } else if ranges.len() == MAX_RANGES {
-                break;
-            } else {
-                ranges.push((k, e));
-            }
-        }
+    /// Widens the window to what was read plus the window; returns the first offset the
+    /// peer may not send.
+    pub fn advertise(&mut self) -> u64 {
         self.advertised = self.advertised.max(self.consumed + self.window);
-        (self.cumulative + u64::from(self.at_fin()), self.advertised, ranges)
+        self.advertised
+    }
+
+    /// Bytes held and not read (in order and out of order, roughly: out-of-order pieces are
+    /// counted once they come in order).
+    pub fn unread(&self) -> usize {
+        self.buffered
+    }
+
+    /// Drops everything held (the stream was reset or the application stopped reading).
+    pub fn discard(&mut self) {
+        self.out_of_order.clear();
+        self.ready.clear();
+        self.tail = None;
+        self.buffered = 0;
+    }
+}
+
+/// Which sequence numbers arrived: everything below `cumulative`, plus ranges above it, at
+/// most [`MAX_OUT_OF_ORDER`] of them.
+#[derive(Debug, Default)]
+pub struct Received {
+    cumulative: u64,
+    above: BTreeMap<u64, u64>,
+}
+
+impl Received {
+    /// Records `[seq, end)` as received. False (and nothing recorded) when it would need a range
+    /// beyond the bound: the sender resends it.
+    pub fn insert(&mut self, seq: u64, end: u64) -> bool {
+        if end <= self.cumulative {
+            return true;
+        }
+        let (mut s, mut e) = (seq.max(self.cumulative), end);
+        // Merge with every range it touches.
+        let touching: Vec<(u64, u64)> =
+            self.above.range(..=e).rev().take_while(|(_, re)| **re >= s).map(|(&rs, &re)| (rs, re)).collect();
+        if touching.is_empty() && s > self.cumulative && self.above.len() >= MAX_OUT_OF_ORDER {
+            return false;
+        }
+        for (rs, re) in touching {
+            self.above.remove(&rs);
+            s = s.min(rs);
+            e = e.max(re);
+        }
+        if s <= self.cumulative {
+            self.cumulative = self.cumulative.max(e);
+            while let Some(entry) = self.above.first_entry() {
+                if *entry.key() > self.cumulative {
+                    break;
+                }
+                let re = entry.remove();
+                self.cumulative = self.cumulative.max(re);
+            }
+        } else {
+            self.above.insert(s, e);
+        }
+        true
+    }
+
+    /// Everything below this arrived.
+    pub fn cumulative(&self) -> u64 {
+        self.cumulative
+    }
+
+    /// The first [`MAX_RANGES`] ranges above the cumulative point.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.above.iter().take(MAX_RANGES).map(|(&s, &e)| (s, e)).collect()
     }
 }

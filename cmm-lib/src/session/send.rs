@@ -1,185 +1,233 @@
-//! [`SendBuffer`]: the sending half of a byte stream — what the application handed over, cut
-//! into chunks, and the account of what the peer has not acknowledged yet.
+//! The sending side: [`Chunk`]s in the session's sequence space, the [`SendBuffer`] account of
+//! what the peer has not acknowledged yet, and each stream's [`SendStream`] state.
 //!
-//! The account (`unacked`: offset → length of every chunk still owed) is the one authority on
-//! what must still reach the peer; copies of chunks sit in path queues, in flight on paths, or
-//! waiting for a path, and any copy whose offset left the account is stale and dropped. Its
-//! bytes count against the buffer's capacity until acknowledged.
+//! The account (`unacked`: sequence number → length of every chunk still owed) is the one
+//! authority on what must still reach the peer; copies of chunks sit in path queues, in flight
+//! on paths, or waiting for a path, and any copy whose sequence number left the account is
+//! stale and dropped. Data counts against the buffer's capacity until acknowledged.
+//!
+//! Flow control is applied when bytes are accepted, not when they are written: a stream takes
+//! only what its peer window and the session window allow, so every chunk in a path queue can
+//! go at once, and a stream whose reader stopped never holds up another stream's chunks.
 
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use cmm_policy::Labels;
 
-/// A piece of the stream with a fixed offset and length, and the labels it was sent with.
+use crate::frame::{Frame, StreamId};
+
+/// What a chunk carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// Stream bytes (and the end of the stream after them, with `fin`).
+    Data {
+        /// The stream.
+        stream: StreamId,
+        /// Stream offset of the first byte.
+        offset: u64,
+        /// Whether the stream ends after these bytes.
+        fin: bool,
+        /// The bytes (shared, never copied between transmissions).
+        data: Bytes,
+    },
+    /// More credit for a stream the peer sends on.
+    MaxStreamData {
+        /// The stream.
+        stream: StreamId,
+        /// The first offset the peer may not send.
+        max: u64,
+    },
+    /// Our half of a stream is abandoned.
+    Reset {
+        /// The stream.
+        stream: StreamId,
+        /// Why.
+        code: u32,
+        /// Its final length.
+        final_size: u64,
+    },
+    /// We will not read a stream any more.
+    StopSending {
+        /// The stream.
+        stream: StreamId,
+        /// Why.
+        code: u32,
+    },
+}
+
+/// One reliable frame with a fixed place in the sequence space, the labels that choose its
+/// path, and whether it was sent before.
 #[derive(Clone, Debug)]
 pub struct Chunk {
-    /// Stream offset of its first byte.
-    pub offset: u64,
-    /// Its labels.
+    /// Sequence number of its first unit.
+    pub seq: u64,
+    /// Its labels (control chunks: ONDEMAND, they are small and urgent).
     pub labels: Labels,
-    /// Its bytes (shared, never copied between transmissions).
-    pub data: Bytes,
+    /// What it carries.
+    pub body: Body,
     /// Whether it was sent before (its acknowledgement is then no RTT sample).
     pub retransmit: bool,
 }
 
 impl Chunk {
-    /// The offset just past it.
+    /// How much of the sequence space it takes: its bytes, or one for an empty frame.
+    pub fn len(&self) -> u64 {
+        match &self.body {
+            Body::Data { data, .. } => data.len().max(1) as u64,
+            _ => 1,
+        }
+    }
+
+    /// Whether it takes no sequence space (never: every chunk takes at least one).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The sequence number just past it.
     pub fn end(&self) -> u64 {
-        self.offset + self.data.len() as u64
+        self.seq + self.len()
+    }
+
+    /// Whether it is background data (paced by the trickler).
+    pub fn background(&self) -> bool {
+        self.labels.contains(Labels::BACKGROUND)
+    }
+
+    /// Payload bytes (stream data) it carries.
+    pub fn payload_len(&self) -> usize {
+        match &self.body {
+            Body::Data { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// The frame that carries it, for control chunks (data goes out as a header and the
+    /// shared payload instead).
+    pub fn control_frame(&self) -> Option<Frame> {
+        let seq = self.seq;
+        match self.body {
+            Body::Data { .. } => None,
+            Body::MaxStreamData { stream, max } => Some(Frame::MaxStreamData { seq, stream, max }),
+            Body::Reset { stream, code, final_size } => {
+                Some(Frame::ResetStream { seq, stream, code, final_size })
+            }
+            Body::StopSending { stream, code } => Some(Frame::StopSending { seq, stream, code }),
+        }
     }
 }
 
-/// A stream's sending side.
+/// What an acknowledged chunk was, for the stream it belonged to.
+#[derive(Clone, Copy, Debug)]
+struct Owed {
+    len: u64,
+    /// Data bytes (counted against the buffer).
+    bytes: usize,
+    /// The stream whose FIN or RESET this chunk carried, if any.
+    ends: Option<StreamId>,
+}
+
+/// The session's account of chunks sent and not yet acknowledged.
 #[derive(Debug)]
 pub struct SendBuffer {
     capacity: usize,
-    next_offset: u64,
-    unacked: BTreeMap<u64, usize>,
+    next_seq: u64,
+    unacked: BTreeMap<u64, Owed>,
     /// Copies from the application go here; reused once its chunks are acknowledged.
     region: BytesMut,
     acked_chunks: usize,
     buffered: usize,
-    /// The first offset the peer's window does not allow yet.
+    /// The first sequence number the peer's session window does not allow yet.
     peer_window: u64,
-    fin: Option<u64>,
-    fin_acked: bool,
 }
 
 impl SendBuffer {
-    /// Empty, holding at most `capacity` unacknowledged bytes; the peer's window starts at
-    /// `initial_window`.
+    /// Empty, holding at most `capacity` unacknowledged data bytes; the peer's session window
+    /// starts at `initial_window`.
     pub fn new(capacity: usize, initial_window: u64) -> SendBuffer {
         SendBuffer {
             capacity,
-            next_offset: 0,
+            next_seq: 0,
             unacked: BTreeMap::new(),
             region: BytesMut::new(),
             acked_chunks: 0,
             buffered: 0,
             peer_window: initial_window,
-            fin: None,
-            fin_acked: false,
         }
     }
 
-    /// Free bytes.
+    /// Data bytes the buffer and the session window take now.
     pub fn room(&self) -> usize {
-        self.capacity.saturating_sub(self.buffered)
+        let window = self.peer_window.saturating_sub(self.next_seq);
+        self.capacity.saturating_sub(self.buffered).min(usize::try_from(window).unwrap_or(usize::MAX))
     }
 
-    /// Copies as much of `data` as there is room for into the buffer's own region (no
-    /// allocation per call on the hot path) and returns it.
-    pub fn copy_in(&mut self, data: &[u8]) -> Bytes {
-        let n = data.len().min(self.room());
+    /// Copies up to `max` bytes of `data` into the buffer's own region (no allocation per call
+    /// on the hot path) and returns them.
+    pub fn copy_in(&mut self, data: &[u8], max: usize) -> Bytes {
+        let n = data.len().min(max);
         self.region.reserve(n.max(1 << 20));
         self.region.extend_from_slice(&data[..n]);
         self.region.split().freeze()
     }
 
-    /// Takes `data` (within the room) as chunks of at most `chunk` bytes, appended to the
-    /// stream; returns how many bytes were taken.
-    pub fn push(
-        &mut self,
-        mut data: Bytes,
-        labels: Labels,
-        chunk: usize,
-        mut out: impl FnMut(Chunk),
-    ) -> usize {
-        data.truncate(self.room());
-        let n = data.len();
-        while !data.is_empty() {
-            let piece = data.split_to(chunk.min(data.len()));
-            let offset = self.next_offset;
-            self.next_offset += piece.len() as u64;
-            self.unacked.insert(offset, piece.len());
-            out(Chunk { offset, labels, data: piece, retransmit: false });
-        }
-        self.buffered += n;
-        n
+    /// Gives `body` the next sequence numbers and records it as owed.
+    pub fn push(&mut self, labels: Labels, body: Body) -> Chunk {
+        let (bytes, ends) = match &body {
+            Body::Data { stream, fin, data, .. } => (data.len(), fin.then_some(*stream)),
+            Body::Reset { stream, .. } => (0, Some(*stream)),
+            _ => (0, None),
+        };
+        let chunk = Chunk { seq: self.next_seq, labels, body, retransmit: false };
+        self.next_seq = chunk.end();
+        self.unacked.insert(chunk.seq, Owed { len: chunk.len(), bytes, ends });
+        self.buffered += bytes;
+        chunk
     }
 
-    /// Whether the chunk at `offset` is still owed to the peer.
-    pub fn owed(&self, offset: u64) -> bool {
-        self.unacked.contains_key(&offset)
+    /// Whether the chunk at `seq` is still owed to the peer.
+    pub fn owed(&self, seq: u64) -> bool {
+        self.unacked.contains_key(&seq)
     }
 
-    /// Whether the peer's window lets a chunk ending at `end` go.
-    pub fn window_allows(&self, end: u64) -> bool {
-        end <= self.peer_window
-    }
-
-    /// The peer's window, for debugging.
+    /// The peer's session window, for debugging.
     pub fn peer_window(&self) -> u64 {
         self.peer_window
     }
 
-    /// Takes an acknowledgement: every byte below `cumulative` (which counts the FIN as one
-    /// more byte) and every chunk inside one of `ranges`. Calls `acked` with the offset of each
-    /// chunk newly acknowledged.
+    /// Takes an acknowledgement: every sequence number below `cumulative` and every chunk
+    /// inside one of `ranges`. Calls `acked` with the sequence number of each chunk newly
+    /// acknowledged and the stream whose end it carried, if any.
     pub fn on_ack(
         &mut self,
         cumulative: u64,
         window: u64,
         ranges: &[(u64, u64)],
-        mut acked: impl FnMut(u64),
+        mut acked: impl FnMut(u64, Option<StreamId>),
     ) {
         self.peer_window = self.peer_window.max(window);
-        if let Some(fin) = self.fin
-            && cumulative > fin
-        {
-            self.fin_acked = true;
-        }
-        let data_end = cumulative.min(self.next_offset);
-        let mut newly: Vec<u64> = self
-            .unacked
-            .range(..data_end)
-            .filter(|(o, l)| covered(cumulative, ranges, **o, **l))
-            .map(|(&o, _)| o)
-            .collect();
+        let mut newly: Vec<u64> = self.unacked.range(..cumulative).map(|(&s, _)| s).collect();
         for &(s, e) in ranges {
-            newly.extend(
-                self.unacked
-                    .range(s..e)
-                    .filter(|(o, l)| covered(cumulative, ranges, **o, **l))
-                    .map(|(&o, _)| o),
-            );
+            newly.extend(self.unacked.range(s..e).filter(|(q, o)| **q + o.len <= e).map(|(&q, _)| q));
         }
-        for o in newly {
-            if let Some(len) = self.unacked.remove(&o) {
-                self.buffered -= len;
+        for s in newly {
+            if let Some(o) = self.unacked.get(&s).copied()
+                && covered(cumulative, ranges, s, o.len)
+            {
+                self.unacked.remove(&s);
+                self.buffered -= o.bytes;
                 self.acked_chunks += 1;
-                acked(o);
+                acked(s, o.ends);
             }
         }
     }
 
-    /// Ends the stream after what was sent. Returns whether it was not ended before.
-    pub fn shutdown(&mut self) -> bool {
-        if self.fin.is_some() {
-            return false;
-        }
-        self.fin = Some(self.next_offset);
-        true
-    }
-
-    /// Where the stream ends, once shut down.
-    pub fn fin(&self) -> Option<u64> {
-        self.fin
-    }
-
-    /// Whether the FIN still has to reach the peer.
-    pub fn fin_owed(&self) -> bool {
-        self.fin.is_some() && !self.fin_acked
-    }
-
-    /// Whether everything (and the end of stream, if shut down) is acknowledged.
+    /// Whether every chunk is acknowledged.
     pub fn all_acked(&self) -> bool {
-        self.unacked.is_empty() && (self.fin.is_none() || self.fin_acked)
+        self.unacked.is_empty()
     }
 
-    /// Bytes accepted and not yet acknowledged.
+    /// Data bytes accepted and not yet acknowledged.
     pub fn unacked_bytes(&self) -> usize {
         self.buffered
     }
@@ -194,14 +242,48 @@ impl SendBuffer {
         self.acked_chunks
     }
 
-    /// Bytes handed over so far.
-    pub fn sent(&self) -> u64 {
-        self.next_offset
+    /// The next sequence number.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 }
 
-/// Whether an ACK of `cumulative` and `ranges` covers the chunk at `offset` of `len` bytes.
-pub fn covered(cumulative: u64, ranges: &[(u64, u64)], offset: u64, len: usize) -> bool {
-    let end = offset + len as u64;
-    end <= cumulative || ranges.iter().any(|&(s, e)| s <= offset && end <= e)
+/// Whether an ACK of `cumulative` and `ranges` covers the chunk at `seq` of `len` units.
+pub fn covered(cumulative: u64, ranges: &[(u64, u64)], seq: u64, len: u64) -> bool {
+    let end = seq + len;
+    end <= cumulative || ranges.iter().any(|&(s, e)| s <= seq && end <= e)
+}
+
+/// Our half of one stream.
+#[derive(Debug)]
+pub struct SendStream {
+    /// Stream bytes handed over so far.
+    pub next_offset: u64,
+    /// The first offset the peer lets us send (its MAX_STREAM_DATA).
+    pub max: u64,
+    /// Set once the application shut it down (FIN queued at this offset).
+    pub fin: Option<u64>,
+    /// Set once reset (by us, or because the peer asked with STOP_SENDING).
+    pub reset: Option<u32>,
+    /// The code the peer gave with STOP_SENDING.
+    pub stopped: Option<u32>,
+    /// Whether the FIN or RESET reached the peer.
+    pub end_acked: bool,
+}
+
+impl SendStream {
+    /// A stream the peer lets send `initial` bytes before crediting more.
+    pub fn new(initial: u64) -> SendStream {
+        SendStream { next_offset: 0, max: initial, fin: None, reset: None, stopped: None, end_acked: false }
+    }
+
+    /// Stream bytes its window takes now.
+    pub fn room(&self) -> usize {
+        usize::try_from(self.max.saturating_sub(self.next_offset)).unwrap_or(usize::MAX)
+    }
+
+    /// Whether this half is over and the peer knows it.
+    pub fn done(&self) -> bool {
+        self.end_acked
+    }
 }

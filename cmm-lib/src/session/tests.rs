@@ -108,6 +108,9 @@ struct Sim {
     got_labels: Vec<(usize, Labels)>,
     b_eof: bool,
     b_reads: bool,
+    /// Streams other than 0, per side: what was read from each, and how each ended.
+    b_streams: BTreeMap<StreamId, StreamLog>,
+    a_streams: BTreeMap<StreamId, StreamLog>,
     /// What a has received from b, in order.
     a_got: Vec<u8>,
     a_got_labels: Vec<(usize, Labels)>,
@@ -132,6 +135,8 @@ impl Sim {
             got_labels: Vec::new(),
             b_eof: false,
             b_reads: true,
+            b_streams: BTreeMap::new(),
+            a_streams: BTreeMap::new(),
             a_got: Vec::new(),
             a_got_labels: Vec::new(),
             a_reads: true,
@@ -298,7 +303,27 @@ impl Sim {
         }
     }
 
+    /// Reads every stream other than 0 that its log says to read, accepting new ones first.
+    fn read_streams(s: &mut Session, logs: &mut BTreeMap<StreamId, StreamLog>) {
+        while let Some(id) = s.accept_stream() {
+            logs.entry(id).or_default();
+        }
+        let mut buf = vec![0u8; 100_000];
+        for (&id, log) in logs.iter_mut() {
+            while log.reads && log.end.is_none() {
+                match s.recv_on(id, &mut buf) {
+                    Ok((0, _)) => log.end = Some(Ok(())),
+                    Ok((n, _)) => log.bytes.extend_from_slice(&buf[..n]),
+                    Err(RecvError::WouldBlock) => break,
+                    Err(e) => log.end = Some(Err(e)),
+                }
+            }
+        }
+    }
+
     fn read_a(&mut self) {
+        Sim::read_streams(&mut self.a, &mut self.a_streams);
+        Sim::read_streams(&mut self.b, &mut self.b_streams);
         if !self.a_reads {
             return;
         }
@@ -642,10 +667,11 @@ fn flow_control_holds_the_sender_while_the_reader_sleeps() {
         }
         sim.step();
     }
-    // The receiver holds at most its window; the sender keeps the rest.
+    // The receiver holds at most its window; the sender takes no more than that.
     let held_by_b: u64 = sim.b.path_stats().iter().map(|p| p.bytes_received).sum();
     assert!(held_by_b <= (1 << 20) + frame::MAX_CHUNK as u64, "receiver took {held_by_b}");
-    assert!(sim.a.unacked_bytes() > 0);
+    assert!(off < data.len());
+    assert_eq!(sim.a.send(&data[off..], Labels::NONE), Err(SendError::Full));
     sim.b_reads = true;
     sim.send_all(&data[off..], Labels::NONE, Duration::from_secs(60));
     sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
@@ -686,7 +712,15 @@ fn bad_input_is_an_error_for_that_path_only() {
     assert!(matches!(sim.b.handle_input(1, &[42, 0, 0, 0, 0], now), Err(SessionError::Frame(_))));
     // DATA far beyond the window.
     let mut out = BytesMut::new();
-    Frame::Data { offset: 1 << 40, labels: Labels::NONE, data: Bytes::from_static(b"x") }.encode(&mut out);
+    Frame::Data {
+        seq: 0,
+        stream: 0,
+        offset: 1 << 40,
+        labels: Labels::NONE,
+        fin: false,
+        data: Bytes::from_static(b"x"),
+    }
+    .encode(&mut out);
     let mut fresh = Session::new(Role::Accepting, SessionId([1; 16]), SessionConfig::default(), policy());
     fresh.add_path(5, wifi(), now);
     assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
@@ -934,6 +968,20 @@ impl Sim {
     }
 }
 
+/// What one side read from a stream, whether it reads it, and how the stream ended.
+#[derive(Debug)]
+struct StreamLog {
+    bytes: Vec<u8>,
+    reads: bool,
+    end: Option<Result<(), RecvError>>,
+}
+
+impl Default for StreamLog {
+    fn default() -> Self {
+        StreamLog { bytes: Vec::new(), reads: true, end: None }
+    }
+}
+
 /// Accepted bytes, and the label runs they were accepted with.
 #[derive(Default)]
 struct Stream {
@@ -1075,12 +1123,34 @@ fn run_history(h: Vec<Ev>) {
     sim.add_path(1, wifi(), 20 * MS, 6_250_000);
     sim.add_path(2, cell(), 10 * MS, 500_000);
     let (mut ab, mut ba) = (Stream::default(), Stream::default());
+    let side = sim.a.open_stream().unwrap();
+    sim.a_streams.insert(side, StreamLog::default());
+    let (mut side_a, mut side_b) = (Vec::new(), Vec::new());
     let pick = |sim: &Sim, i: u8| {
         let ids: Vec<PathId> = sim.links.iter().filter(|(_, l)| !l.dead).map(|(&id, _)| id).collect();
         (!ids.is_empty()).then(|| ids[i as usize % ids.len()])
     };
     for ev in h {
         match ev {
+            Ev::SendA(n, l) if n % 3 == 0 => {
+                // On a second stream, both ways (b answers on it once it has seen it).
+                let data = payload(n, side_a.len() as u8 ^ 0x33);
+                let k = match sim.a.send_on(side, &data, labels(l)) {
+                    Ok(k) => k,
+                    Err(SendError::Full | SendError::NoNetwork) => 0,
+                    Err(e) => panic!("a send on {side}: {e}"),
+                };
+                side_a.extend_from_slice(&data[..k]);
+            }
+            Ev::SendB(n, l) if n % 3 == 0 => {
+                let data = payload(n, side_b.len() as u8 ^ 0x77);
+                let k = match sim.b.send_on(side, &data, labels(l)) {
+                    Ok(k) => k,
+                    Err(SendError::Full | SendError::NoNetwork | SendError::NoStream(_)) => 0,
+                    Err(e) => panic!("b send on {side}: {e}"),
+                };
+                side_b.extend_from_slice(&data[..k]);
+            }
             Ev::SendA(n, l) => {
                 let data = payload(n, ab.bytes.len() as u8);
                 let k = match sim.a.send(&data, labels(l)) {
@@ -1132,6 +1202,19 @@ fn run_history(h: Vec<Ev>) {
     sim.run_until(Duration::from_secs(900), |s| {
         s.got.len() >= ab.bytes.len() && s.a_got.len() >= ba.bytes.len() && s.a.all_acked() && s.b.all_acked()
     });
+    let side_got_b = sim.b_streams.get(&side).map_or(&[][..], |l| &l.bytes[..]);
+    assert!(
+        side_got_b == &side_a[..],
+        "stream {side}, a to b: {} of {} bytes",
+        side_got_b.len(),
+        side_a.len()
+    );
+    assert!(
+        sim.a_streams[&side].bytes == side_b,
+        "stream {side}, b to a: {} of {}",
+        sim.a_streams[&side].bytes.len(),
+        side_b.len()
+    );
     assert!(sim.got == ab.bytes, "a to b: {} of {} bytes, not the same", sim.got.len(), ab.bytes.len());
     assert!(sim.a_got == ba.bytes, "b to a: {} of {} bytes, not the same", sim.a_got.len(), ba.bytes.len());
     assert_eq!(sim.got_labels, ab.labels);
@@ -1145,7 +1228,15 @@ fn tiny_pieces_cannot_multiply_what_the_receiver_holds() {
     b.add_path(1, wifi(), now);
     let frame = |offset: u64, byte: u8| {
         let mut out = BytesMut::new();
-        Frame::Data { offset, labels: Labels::NONE, data: Bytes::from(vec![byte]) }.encode(&mut out);
+        Frame::Data {
+            seq: offset,
+            stream: 0,
+            offset,
+            labels: Labels::NONE,
+            fin: false,
+            data: Bytes::from(vec![byte]),
+        }
+        .encode(&mut out);
         out
     };
     // 200,000 one-byte frames in order, each in a read buffer of its own, nobody reading:
@@ -1185,7 +1276,8 @@ fn alternating_labels_cannot_multiply_what_the_receiver_holds_either() {
     for i in 0..40_000u64 {
         let labels = if i % 2 == 0 { Labels::ONDEMAND } else { Labels::BACKGROUND };
         let mut out = BytesMut::new();
-        Frame::Data { offset: i, labels, data: Bytes::from(vec![i as u8]) }.encode(&mut out);
+        Frame::Data { seq: i, stream: 0, offset: i, labels, fin: false, data: Bytes::from(vec![i as u8]) }
+            .encode(&mut out);
         b.handle_input(1, &out, now).unwrap();
     }
     assert!(b.held_pieces() <= MAX_HELD, "{} pieces held", b.held_pieces());
@@ -1214,4 +1306,225 @@ fn alternating_labels_cannot_multiply_what_the_receiver_holds_either() {
         }
     }
     assert_eq!(cumulative, Some(MAX_HELD as u64), "acknowledged exactly what was kept");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams.
+
+/// Sends all of `data` on stream `id` from a, stepping the simulation while it is full.
+fn send_all_on(sim: &mut Sim, id: StreamId, data: &[u8], labels: Labels, limit: Duration) {
+    let mut off = 0;
+    let end = sim.now + limit;
+    while off < data.len() {
+        match sim.a.send_on(id, &data[off..], labels) {
+            Ok(n) => off += n,
+            Err(SendError::Full | SendError::NoNetwork) => {
+                assert!(sim.now < end, "send on {id} stuck at {off}: {}", sim.a.debug_summary());
+                if !sim.step() {
+                    sim.now += MS;
+                }
+            }
+            Err(e) => panic!("send on {id}: {e}"),
+        }
+    }
+}
+
+fn two_paths() -> Sim {
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, cell(), 10 * MS, 1_000_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2);
+    sim
+}
+
+#[test]
+fn a_stalled_chunk_of_one_stream_never_delays_another() {
+    let mut sim = two_paths();
+    let (bulk, chat) = (sim.a.open_stream().unwrap(), sim.a.open_stream().unwrap());
+    let big = payload(300_000, 1);
+    send_all_on(&mut sim, bulk, &big, Labels::BACKGROUND, Duration::from_secs(5));
+    sim.run_for(5 * MS);
+    // Wi-Fi, which carries the bulk stream, stalls with its chunks on the wire.
+    let link = sim.links.get_mut(&1).unwrap();
+    link.up_ab = false;
+    link.up_ba = false;
+    link.held_ab.extend(link.ab.drain(..).map(|p| p.bytes));
+    let msg = payload(2_000, 2);
+    send_all_on(&mut sim, chat, &msg, Labels::ONDEMAND, Duration::from_secs(1));
+    // The on-demand stream arrives over cell, whole, while the bulk one is stuck.
+    sim.run_until(Duration::from_millis(200), |s| {
+        s.b_streams.get(&chat).is_some_and(|l| l.bytes.len() == msg.len())
+    });
+    assert_eq!(sim.b_streams[&chat].bytes, msg);
+    assert!(sim.b_streams.get(&bulk).is_none_or(|l| l.bytes.len() < big.len()));
+    // The bulk stream is resent elsewhere (or Wi-Fi returns) and completes too.
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.b_streams.get(&bulk).is_some_and(|l| l.bytes.len() == big.len())
+    });
+    assert_eq!(sim.b_streams[&bulk].bytes, big);
+}
+
+#[test]
+fn a_stream_whose_reader_stops_closes_only_its_own_window() {
+    let mut sim = two_paths();
+    let (stuck, flowing) = (sim.a.open_stream().unwrap(), sim.a.open_stream().unwrap());
+    // b accepts both but never reads the first.
+    sim.send_all(b"", Labels::NONE, Duration::from_secs(1));
+    let first = payload(10, 3);
+    send_all_on(&mut sim, stuck, &first, Labels::BACKGROUND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(1), |s| s.b_streams.contains_key(&stuck));
+    sim.b_streams.get_mut(&stuck).unwrap().reads = false;
+    // a fills the stuck stream's window: its sends stop there.
+    let mut taken = first.len();
+    for _ in 0..3000 {
+        match sim.a.send_on(stuck, &payload(64 * 1024, 4), Labels::BACKGROUND) {
+            Ok(n) => taken += n,
+            Err(SendError::Full) => {}
+            Err(e) => panic!("{e}"),
+        }
+        sim.step();
+    }
+    let window = SessionConfig::default().stream_window as usize;
+    assert!(taken <= window + 64 * 1024, "the stuck stream took {taken} bytes");
+    assert_eq!(sim.a.send_on(stuck, b"x", Labels::BACKGROUND), Err(SendError::Full));
+    // The other stream moves 3 MB regardless.
+    let data = payload(3_000_000, 5);
+    send_all_on(&mut sim, flowing, &data, Labels::BACKGROUND, Duration::from_secs(60));
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.b_streams.get(&flowing).is_some_and(|l| l.bytes.len() == data.len())
+    });
+    assert_eq!(sim.b_streams[&flowing].bytes, data);
+    // Reading the stuck stream lets it go on.
+    sim.b_streams.get_mut(&stuck).unwrap().reads = true;
+    send_all_on(&mut sim, stuck, b"more", Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_until(Duration::from_secs(10), |s| s.b_streams[&stuck].bytes.ends_with(b"more"));
+    assert_eq!(sim.b_streams[&stuck].bytes.len(), taken + 4);
+}
+
+#[test]
+fn fin_is_a_half_close_and_reset_and_stop_sending_reach_the_peer() {
+    let mut sim = two_paths();
+    // Half-close: a's request ends with FIN; b still answers on the same stream.
+    let req = sim.a.open_stream().unwrap();
+    send_all_on(&mut sim, req, b"GET / HTTP/1.0\r\n\r\n", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.a.shutdown_stream(req).unwrap();
+    assert_eq!(sim.a.send_on(req, b"x", Labels::ONDEMAND), Err(SendError::Shutdown));
+    sim.run_until(Duration::from_secs(5), |s| s.b_streams.get(&req).is_some_and(|l| l.end.is_some()));
+    assert_eq!(sim.b_streams[&req].bytes, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(sim.b_streams[&req].end, Some(Ok(())));
+    let answer = payload(100_000, 6);
+    assert_eq!(sim.b.send_on(req, &answer, Labels::ONDEMAND), Ok(answer.len()));
+    sim.b.shutdown_stream(req).unwrap();
+    sim.a_streams.insert(req, StreamLog::default());
+    sim.run_until(Duration::from_secs(10), |s| s.a_streams[&req].end.is_some());
+    assert_eq!(sim.a_streams[&req].bytes, answer);
+    // Both halves over and acknowledged: the stream is gone on both sides.
+    sim.run_until(Duration::from_secs(5), |s| {
+        !s.a.stream_ids().contains(&req)
+            && !s.b.stream_ids().contains(&req)
+            && s.a.all_acked()
+            && s.b.all_acked()
+    });
+
+    // A reset reaches the peer's reads with its code.
+    let doomed = sim.a.open_stream().unwrap();
+    send_all_on(&mut sim, doomed, b"partial", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(5), |s| s.b_streams.contains_key(&doomed));
+    sim.a.reset_stream(doomed, 7).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.b_streams[&doomed].end.is_some());
+    assert_eq!(sim.b_streams[&doomed].end, Some(Err(RecvError::StreamReset(7))));
+
+    // STOP_SENDING: b stops reading; a's next sends fail with b's code, and b sees a reset.
+    let unwanted = sim.a.open_stream().unwrap();
+    send_all_on(&mut sim, unwanted, b"hello", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(5), |s| s.b_streams.contains_key(&unwanted));
+    sim.b.stop_sending(unwanted, 9).unwrap();
+    let mut stopped = false;
+    for _ in 0..10_000 {
+        match sim.a.send_on(unwanted, b"x", Labels::ONDEMAND) {
+            Err(SendError::Stopped(9)) => {
+                stopped = true;
+                break;
+            }
+            Ok(_) | Err(SendError::Full) => {}
+            Err(e) => panic!("{e}"),
+        }
+        if !sim.step() {
+            sim.now += MS;
+        }
+    }
+    assert!(stopped, "STOP_SENDING never reached the sender");
+    // Every stream of the test is over on both sides now.
+    sim.a.shutdown_stream(doomed).unwrap_or(());
+    sim.run_for(Duration::from_secs(2));
+    assert!(sim.a.all_acked() && sim.b.all_acked());
+}
+
+#[test]
+fn many_streams_each_arrive_whole_whatever_paths_they_take() {
+    let mut sim = two_paths();
+    for l in sim.links.values_mut() {
+        l.jitter = 20 * MS;
+    }
+    let ids: Vec<StreamId> = (0..100).map(|_| sim.a.open_stream().unwrap()).collect();
+    let labels = [Labels::BACKGROUND, Labels::ONDEMAND, Labels::SMALL, Labels::NONE];
+    for round in 0..5 {
+        for (i, &id) in ids.iter().enumerate() {
+            let piece = payload(3_000 + i * 7, (i + round) as u8);
+            send_all_on(&mut sim, id, &piece, labels[(i + round) % 4], Duration::from_secs(30));
+        }
+    }
+    for &id in &ids {
+        sim.a.shutdown_stream(id).unwrap();
+    }
+    let done = |s: &Sim| ids.iter().all(|id| s.b_streams.get(id).is_some_and(|l| l.end.is_some()));
+    sim.run_for(Duration::from_secs(60));
+    if !done(&sim) {
+        let missing: Vec<(StreamId, usize, bool)> = ids
+            .iter()
+            .filter(|id| sim.b_streams.get(id).is_none_or(|l| l.end.is_none()))
+            .map(|id| {
+                (*id, sim.b_streams.get(id).map_or(0, |l| l.bytes.len()), sim.b_streams.contains_key(id))
+            })
+            .collect();
+        panic!("unfinished: {missing:?}\na: {}\nb: {}", sim.a.debug_summary(), sim.b.debug_summary());
+    }
+    for (i, &id) in ids.iter().enumerate() {
+        let want: Vec<u8> = (0..5).flat_map(|round| payload(3_000 + i * 7, (i + round) as u8)).collect();
+        assert!(sim.b_streams[&id].bytes == want, "stream {id} differs");
+        assert_eq!(sim.b_streams[&id].end, Some(Ok(())));
+    }
+}
+
+#[test]
+fn streams_beyond_the_limit_or_never_opened_are_protocol_errors() {
+    let now = Instant::now();
+    let mut b = Session::new(Role::Accepting, SessionId([5; 16]), SessionConfig::default(), policy());
+    b.add_path(1, wifi(), now);
+    let data = |seq: u64, stream: StreamId| {
+        let mut out = BytesMut::new();
+        Frame::Data {
+            seq,
+            stream,
+            offset: 0,
+            labels: Labels::NONE,
+            fin: false,
+            data: Bytes::from_static(b"x"),
+        }
+        .encode(&mut out);
+        out
+    };
+    // An odd stream is the accepting side's own: the peer cannot open it.
+    assert!(matches!(
+        b.handle_input(1, &data(0, 1), now),
+        Err(SessionError::Protocol(ProtocolError::UnopenedStream { stream: 1 }))
+    ));
+    for i in 0..MAX_STREAMS as u64 {
+        b.handle_input(1, &data(1 + i, 2 + 2 * i as StreamId), now).unwrap();
+    }
+    let over = 2 + 2 * MAX_STREAMS as StreamId;
+    assert!(matches!(
+        b.handle_input(1, &data(5000, over), now),
+        Err(SessionError::Protocol(ProtocolError::TooManyStreams { .. }))
+    ));
 }
