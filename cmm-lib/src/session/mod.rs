@@ -51,7 +51,7 @@ pub use error::{ProtocolError, RecvError, SendError, SessionError};
 pub use path::{PathStats, info_from_network, network_from_info};
 pub use recv::{Assembler, COPY_BELOW, JOIN_MAX, MAX_HELD, MAX_OUT_OF_ORDER, Received};
 pub use send::{Body, Chunk, SendBuffer, SendStream};
-pub use stream::{INITIAL_STREAM_WINDOW, MAX_STREAMS, RecvStream, Stream};
+pub use stream::{INITIAL_STREAM_WINDOW, MAX_STREAMS, RecvStream, StreamState};
 pub use timer::Timer;
 
 use path::{PathState, Sent};
@@ -209,7 +209,7 @@ pub struct Session {
     /// last widened for them.
     consumed: u64,
     last_window_update: u64,
-    streams: BTreeMap<StreamId, Stream>,
+    streams: BTreeMap<StreamId, StreamState>,
     /// The next stream this side opens.
     next_stream: StreamId,
     /// The highest stream the peer opened; streams it opened below that and not in `streams`
@@ -234,7 +234,7 @@ impl Session {
         let mut streams = BTreeMap::new();
         // Stream 0, open on both sides: the peer may send up to the initial window on it before
         // our first credit.
-        streams.insert(0, Stream::new(INITIAL_WINDOW, INITIAL_WINDOW, cfg.recv_window));
+        streams.insert(0, StreamState::new(INITIAL_WINDOW, INITIAL_WINDOW, cfg.recv_window));
         Session {
             role,
             id,
@@ -428,8 +428,10 @@ impl Session {
         self.check_open()?;
         let id = self.next_stream;
         self.next_stream = id.checked_add(2).ok_or(SendError::TooManyStreams)?;
-        self.streams
-            .insert(id, Stream::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window));
+        self.streams.insert(
+            id,
+            StreamState::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window),
+        );
         Ok(id)
     }
 
@@ -445,7 +447,7 @@ impl Session {
 
     /// The stream `id` for a frame from the peer: opened by it now if new. `None` for a stream
     /// that is over (its late frames are acknowledged and dropped).
-    fn peer_stream(&mut self, id: StreamId) -> Result<Option<&mut Stream>, ProtocolError> {
+    fn peer_stream(&mut self, id: StreamId) -> Result<Option<&mut StreamState>, ProtocolError> {
         if !self.streams.contains_key(&id) {
             let theirs = stream::opened_by(id, self.role.peer());
             if !theirs {
@@ -470,7 +472,7 @@ impl Session {
             for k in (first..=id).step_by(2) {
                 self.streams.insert(
                     k,
-                    Stream::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window),
+                    StreamState::new(INITIAL_STREAM_WINDOW, INITIAL_STREAM_WINDOW, self.cfg.stream_window),
                 );
                 self.incoming.push_back(k);
             }

@@ -34,18 +34,18 @@ impl RecvStream {
 
 /// One stream, both halves.
 #[derive(Debug)]
-pub struct Stream {
+pub struct StreamState {
     /// Ours.
     pub send: SendStream,
     /// The peer's.
     pub recv: RecvStream,
 }
 
-impl Stream {
+impl StreamState {
     /// A stream whose peer lets us send `send_window`, and whose reader starts by letting the
     /// peer send `recv_initial`, crediting `recv_window` past what it read.
-    pub fn new(send_window: u64, recv_initial: u64, recv_window: u64) -> Stream {
-        Stream {
+    pub fn new(send_window: u64, recv_initial: u64, recv_window: u64) -> StreamState {
+        StreamState {
             send: SendStream::new(send_window),
             recv: RecvStream { asm: Assembler::new(recv_initial, recv_window), reset: None, stopped: false },
         }
