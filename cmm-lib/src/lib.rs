@@ -7,6 +7,9 @@
 //! - [`multisocket`]: [`MultiSocket`], the cmm API: labelled send/recv across every network,
 //!   thunks, `check_label`, `reset`, `thunk_cancel`; towards a cmm peer, or (plain mode) an
 //!   ordinary TCP server.
+//! - [`stream`]: [`Stream`], one of a cmm-mode multi-socket's independent byte streams
+//!   ([`MultiSocket::open_stream`], [`MultiSocket::accept_stream`]): `AsyncRead` +
+//!   `AsyncWrite`, FIN on shutdown, reset and stop with codes.
 //! - [`listener`]: [`Listener`], the accepting side.
 //! - `api` (a private leaf, re-exported here and from [`multisocket`]): what both modes speak —
 //!   [`Callbacks`] told a [`PathEvent`], and [`TrySend`]/[`Check`], what the non-blocking calls
@@ -36,6 +39,7 @@ pub mod net;
 pub mod path_manager;
 pub mod plain;
 pub mod session;
+pub mod stream;
 pub mod target;
 pub mod thunk;
 pub mod trickle;
@@ -46,6 +50,7 @@ pub use connector::{ConnectError, Connected, Connector, Deferred, ErrorKind, Ope
 pub use listener::Listener;
 pub use multisocket::{Callback, Callbacks, Check, MultiSocket, PathEvent, TrySend};
 pub use session::PathStats;
+pub use stream::Stream;
 pub use target::{Host, Target};
 pub use thunk::{Handler, Thunk};
 pub use trickle::{Direction, Grant, Trickler};

@@ -25,6 +25,7 @@ use crate::connector::Connector;
 use crate::driver::CmmSocket;
 use crate::plain::PlainSocket;
 use crate::session::{PathStats, RecvError, SendError, Session};
+use crate::stream::Stream;
 use crate::target::Target;
 use crate::thunk::{Handler, Thunk};
 
@@ -60,7 +61,7 @@ impl Drop for Handle {
     }
 }
 
-fn send_error(e: SendError) -> io::Error {
+pub(crate) fn send_error(e: SendError) -> io::Error {
     match e {
         SendError::NoNetwork => io::Error::new(io::ErrorKind::WouldBlock, "no network matches the labels"),
         SendError::Full => io::ErrorKind::WouldBlock.into(),
@@ -74,7 +75,7 @@ fn send_error(e: SendError) -> io::Error {
 }
 
 /// A closed session as an I/O error (`WouldBlock` is not one; callers wait on it).
-fn recv_error(e: RecvError) -> io::Error {
+pub(crate) fn recv_error(e: RecvError) -> io::Error {
     match e {
         RecvError::Closed(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r),
         RecvError::Reset(r) => io::Error::new(io::ErrorKind::ConnectionReset, r),
@@ -90,7 +91,7 @@ fn recv_error(e: RecvError) -> io::Error {
 /// hands the session the bytes from offset `off` of `len` and says how many it took. Waits for
 /// room, and for a network up to the labels' maximum wait since the last byte taken; when that
 /// runs out, what was taken is the result (`TimedOut` if nothing was).
-async fn send_cmm(
+pub(crate) async fn send_cmm(
     s: &CmmSocket,
     len: usize,
     labels: Labels,
@@ -186,6 +187,47 @@ impl MultiSocket {
     ) -> io::Result<MultiSocket> {
         let p = PlainSocket::connect(connector.clone(), target, labels, callbacks).await?;
         Ok(MultiSocket { handle: Arc::new(Handle { mode: Mode::Plain(p) }) })
+    }
+
+    /// Opens a new stream (cmm mode only): an independent ordered byte stream in this
+    /// multi-socket's session, whose writes carry `labels` until changed. The peer learns of it
+    /// with its first bytes. See [`Stream`].
+    pub fn open_stream(&self, labels: Labels) -> io::Result<Stream> {
+        let Mode::Cmm(s) = self.mode() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "streams need a cmm peer (plain mode has one stream)",
+            ));
+        };
+        let id = s.mutate(|st| st.session.open_stream()).map_err(send_error)?;
+        Ok(Stream::new(s.clone(), id, labels, self.clone()))
+    }
+
+    /// The next stream the peer opened (cmm mode only), waiting for one; its writes carry no
+    /// labels until [`Stream::set_labels`]. Fails once the session is closed.
+    pub async fn accept_stream(&self) -> io::Result<Stream> {
+        let Mode::Cmm(s) = self.mode() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "streams need a cmm peer (plain mode has one stream)",
+            ));
+        };
+        loop {
+            let notified = s.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = s.mutate(|st| match st.session.accept_stream() {
+                Some(id) => Ok(Some(id)),
+                None => match st.session.closed() {
+                    Some(r) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, r.to_string())),
+                    None => Ok(None),
+                },
+            })?;
+            match next {
+                Some(id) => return Ok(Stream::new(s.clone(), id, Labels::NONE, self.clone())),
+                None => notified.await,
+            }
+        }
     }
 
     /// Whether this socket speaks cmm to its peer (false: plain mode).

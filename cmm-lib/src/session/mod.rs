@@ -681,6 +681,12 @@ impl Session {
         }
     }
 
+    /// Whether the peer's half of stream `id` is over: read to its end, reset, or stopped (a
+    /// stream that no longer exists is over).
+    pub fn stream_finished(&self, id: StreamId) -> bool {
+        self.streams.get(&id).is_none_or(|s| s.recv.done())
+    }
+
     /// Whether the peer ended stream 0 and everything before the end was read.
     pub fn read_closed(&self) -> bool {
         self.streams.get(&0).is_some_and(|s| s.recv.asm.finished())
