@@ -97,11 +97,91 @@ fn multisocket_with(bytes: u64, zero_copy: bool) -> f64 {
     gbps
 }
 
+/// Aggregate goodput of `n` streams of one session, each moving `bytes / n`, with (when
+/// `stopped`) one more stream whose reader never reads, its writer blocked on its window.
+fn streams(bytes: u64, n: usize, stopped: bool) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server_rt = runtime();
+    let policy = Arc::new(Policy::default());
+    let server_connector = Connector::new(Scout::manual(vec![]), policy.clone(), Duration::from_secs(5));
+    let listener =
+        server_rt.block_on(Listener::bind("127.0.0.1:0".parse().unwrap(), server_connector)).unwrap();
+    let addr = listener.local_addr();
+    let per = bytes / n as u64;
+    let server = server_rt.spawn(async move {
+        let s = listener.accept().await.unwrap();
+        let mut readers = Vec::new();
+        let mut held = None;
+        for i in 0..n + usize::from(stopped) {
+            let mut st = s.accept_stream().await.unwrap();
+            if stopped && i == 0 {
+                held = Some(st);
+                continue;
+            }
+            readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; BUF];
+                while st.read(&mut buf).await.unwrap() > 0 {}
+            }));
+        }
+        for r in readers {
+            r.await.unwrap();
+        }
+        drop(held);
+        s
+    });
+    let client_rt = runtime();
+    let start = Instant::now();
+    let sock = client_rt.block_on(async move {
+        let mut lo = Network::new("lo", "lo", NetworkKind::Ethernet);
+        lo.addresses = vec!["127.0.0.1".parse().unwrap()];
+        let connector = Connector::new(Scout::manual(vec![lo]), policy, Duration::from_secs(5));
+        let s = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+        if stopped {
+            let mut st = s.open_stream(Labels::BACKGROUND).unwrap();
+            tokio::spawn(async move {
+                let filler = vec![1u8; BUF];
+                // Blocks once the stream's window is full, for good.
+                while st.write_all(&filler).await.is_ok() {}
+            });
+        }
+        let mut writers = Vec::new();
+        for _ in 0..n {
+            let mut st = s.open_stream(Labels::BACKGROUND).unwrap();
+            writers.push(tokio::spawn(async move {
+                let buf = vec![0x5au8; BUF];
+                let mut left = per as usize;
+                while left > 0 {
+                    let k = left.min(BUF);
+                    st.write_all(&buf[..k]).await.unwrap();
+                    left -= k;
+                }
+                st.shutdown().await.unwrap();
+                st
+            }));
+        }
+        let mut keep = Vec::new();
+        for w in writers {
+            keep.push(w.await.unwrap());
+        }
+        (s, keep)
+    });
+    let _ = server_rt.block_on(server).unwrap();
+    let gbps = (per * n as u64) as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
+    drop(sock);
+    gbps
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let bytes: u64 = if quick { 512 << 20 } else { 4 << 30 };
     println!("one stream on loopback, {} MiB each, best of 3", bytes >> 20);
     let best = |f: fn(u64) -> f64| (0..3).map(|_| f(bytes)).fold(0.0, f64::max);
+    if std::env::args().any(|a| a == "--streams-only") {
+        for (n, stopped) in [(1, false), (100, false), (100, true)] {
+            println!("{n} streams, stopped={stopped}: {:.2} Gbit/s", streams(bytes, n, stopped));
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--cmm-only") {
         println!("cmm multi-socket:   {:.2} Gbit/s", best(multisocket));
         return;
@@ -112,4 +192,13 @@ fn main() {
     println!("plain TCP (tokio):                     {t:.2} Gbit/s");
     println!("cmm multi-socket, send/recv (copies):  {m:.2} Gbit/s ({:.0}% of TCP)", 100.0 * m / t);
     println!("cmm multi-socket, send_bytes/recv_bytes: {z:.2} Gbit/s ({:.0}% of TCP)", 100.0 * z / t);
+    let one = (0..3).map(|_| streams(bytes, 1, false)).fold(0.0, f64::max);
+    let hundred = (0..3).map(|_| streams(bytes, 100, false)).fold(0.0, f64::max);
+    let stopped = (0..3).map(|_| streams(bytes, 100, true)).fold(0.0, f64::max);
+    println!("streams (AsyncRead/AsyncWrite), 1 stream: {one:.2} Gbit/s");
+    println!("100 streams at once: {hundred:.2} Gbit/s ({:.0}% of one)", 100.0 * hundred / one);
+    println!(
+        "100 streams, one more whose reader stopped: {stopped:.2} Gbit/s ({:.0}% of 100 without)",
+        100.0 * stopped / hundred
+    );
 }

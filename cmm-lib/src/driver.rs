@@ -28,7 +28,7 @@ use tokio::task::AbortHandle;
 
 use crate::api::{Callbacks, PathEvent};
 use crate::connector::Connector;
-use crate::frame::{FrameDecoder, PathId, SessionId};
+use crate::frame::{FrameDecoder, PathId, SessionId, StreamId};
 use crate::net;
 use crate::path_manager::{Action, Outcome, PathKey, PathManager, net_key};
 use crate::session::{Event, Role, Session, SessionConfig, Transmit};
@@ -72,6 +72,31 @@ pub(crate) struct State {
     /// Told, under this lock, whenever `session.readable()` changes (the C API's eventfd).
     readable_hook: Option<ReadableHook>,
     last_readable: bool,
+    /// The waiters of each stream handle (stream 0 uses the socket's own).
+    pub(crate) stream_wakes: HashMap<StreamId, Arc<StreamWake>>,
+}
+
+/// Woken when one stream's reads or writes may go further. Each wakeup also bumps a
+/// generation, so that a waiter that read the generation before its attempt and registers after
+/// it cannot miss a wakeup that came in between (`notify_waiters` keeps no permit).
+#[derive(Default)]
+pub(crate) struct StreamWake {
+    pub(crate) readable: Notify,
+    pub(crate) writable: Notify,
+    pub(crate) read_gen: std::sync::atomic::AtomicU64,
+    pub(crate) write_gen: std::sync::atomic::AtomicU64,
+}
+
+impl StreamWake {
+    fn wake_read(&self) {
+        self.read_gen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.readable.notify_waiters();
+    }
+
+    fn wake_write(&self) {
+        self.write_gen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.writable.notify_waiters();
+    }
 }
 
 /// Called with the new readability whenever it changes.
@@ -184,6 +209,7 @@ impl CmmSocket {
                 ended: HashMap::new(),
                 readable_hook: None,
                 last_readable: false,
+                stream_wakes: HashMap::new(),
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -284,6 +310,26 @@ impl CmmSocket {
                 Event::PathTroubled { path } => tracing::debug!(path, "path troubled: no acknowledgement"),
                 Event::PathRecovered { path } => tracing::debug!(path, "path recovered"),
                 Event::Closed { reason } => tracing::debug!("session closed: {reason}"),
+            }
+        }
+        // Stream handles: only those whose reads or writes may go on, or all of them when
+        // paths came or went (a network to wait for) or the session ended.
+        let (reads, writes) = st.session.take_wakeups();
+        if paths_changed {
+            for w in st.stream_wakes.values() {
+                w.wake_read();
+                w.wake_write();
+            }
+        } else {
+            for id in reads {
+                if let Some(w) = st.stream_wakes.get(&id) {
+                    w.wake_read();
+                }
+            }
+            for id in writes {
+                if let Some(w) = st.stream_wakes.get(&id) {
+                    w.wake_write();
+                }
             }
         }
         for (&id, p) in &st.paths {

@@ -15,12 +15,13 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use cmm_policy::Labels;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::driver::CmmSocket;
+use crate::driver::{CmmSocket, StreamWake};
 use crate::frame::StreamId;
 use crate::multisocket::{MultiSocket, recv_error, send_cmm, send_error};
 use crate::session::{RecvError, SendError};
@@ -30,6 +31,7 @@ type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// One stream of a cmm-mode multi-socket.
 pub struct Stream {
     sock: Arc<CmmSocket>,
+    wake: Arc<StreamWake>,
     id: StreamId,
     labels: Labels,
     read_wait: Option<Wait>,
@@ -48,8 +50,10 @@ impl std::fmt::Debug for Stream {
 
 impl Stream {
     pub(crate) fn new(sock: Arc<CmmSocket>, id: StreamId, labels: Labels, socket: MultiSocket) -> Stream {
+        let wake = sock.lock().stream_wakes.entry(id).or_default().clone();
         Stream {
             sock,
+            wake,
             id,
             labels,
             read_wait: None,
@@ -86,7 +90,7 @@ impl Stream {
     /// its code.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Labels)> {
         loop {
-            let notified = self.sock.readable.notified();
+            let notified = self.wake.readable.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.sock.mutate(|st| st.session.recv_on(self.id, buf)) {
@@ -113,14 +117,21 @@ impl Stream {
         self.sock.mutate(|st| st.session.stop_sending(self.id, code)).map_err(send_error)
     }
 
-    fn wait(sock: &Arc<CmmSocket>, read: bool, id: StreamId) -> Wait {
-        let sock = sock.clone();
+    /// The wakeup generation of reads or writes, taken before an attempt.
+    fn generation(&self, read: bool) -> u64 {
+        let g = if read { &self.wake.read_gen } else { &self.wake.write_gen };
+        g.load(Ordering::SeqCst)
+    }
+
+    /// Waits for the next wakeup after generation `before` (at once if it already came).
+    fn wait(&self, read: bool, before: u64) -> Wait {
+        let wake = self.wake.clone();
         Box::pin(async move {
-            let n = if read { sock.readable.notified() } else { sock.writable.notified() };
+            let n = if read { wake.readable.notified() } else { wake.writable.notified() };
             tokio::pin!(n);
             n.as_mut().enable();
-            // Looked at again after registering, so no wakeup is lost in between.
-            if read && sock.lock().session.stream_readable(id) {
+            let g = if read { &wake.read_gen } else { &wake.write_gen };
+            if g.load(Ordering::SeqCst) != before {
                 return;
             }
             n.await
@@ -140,6 +151,7 @@ impl AsyncRead for Stream {
                 self.read_wait = None;
             }
             let id = self.id;
+            let before = self.generation(true);
             let r = self.sock.mutate(|st| st.session.recv_on(id, buf.initialize_unfilled()));
             match r {
                 Ok((n, _)) => {
@@ -147,7 +159,7 @@ impl AsyncRead for Stream {
                     return Poll::Ready(Ok(()));
                 }
                 Err(RecvError::WouldBlock) => {
-                    let w = Stream::wait(&self.sock, true, id);
+                    let w = self.wait(true, before);
                     self.read_wait = Some(w);
                 }
                 Err(e) => return Poll::Ready(Err(recv_error(e))),
@@ -164,6 +176,7 @@ impl AsyncWrite for Stream {
                 self.write_wait = None;
             }
             let (id, labels) = (self.id, self.labels);
+            let before = self.generation(false);
             let r = self.sock.mutate(|st| {
                 self.sock.resume_after_reset(st);
                 st.session.send_on(id, buf, labels)
@@ -174,7 +187,7 @@ impl AsyncWrite for Stream {
                     return Poll::Ready(Ok(n));
                 }
                 Err(SendError::Full) => {
-                    let w = Stream::wait(&self.sock, false, id);
+                    let w = self.wait(false, before);
                     self.write_wait = Some(w);
                 }
                 Err(SendError::NoNetwork) => {
@@ -187,7 +200,7 @@ impl AsyncWrite for Stream {
                             format!("no network for {labels} within {max_wait:?}"),
                         )));
                     }
-                    let wait = Stream::wait(&self.sock, false, id);
+                    let wait = self.wait(false, before);
                     self.write_wait = Some(Box::pin(async move {
                         let _ = tokio::time::timeout_at(since + max_wait, wait).await;
                     }));
@@ -212,6 +225,7 @@ impl Drop for Stream {
     fn drop(&mut self) {
         let id = self.id;
         self.sock.mutate(|st| {
+            st.stream_wakes.remove(&id);
             let _ = st.session.shutdown_stream(id);
             if !st.session.stream_finished(id) {
                 let _ = st.session.stop_sending(id, 0);

@@ -30,7 +30,7 @@
 //! [`timer`] (the named timers), [`error`] (what a peer or an application can get wrong). This
 //! module is the glue: which chunk goes on which path, acknowledgements, failover.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,6 +219,11 @@ pub struct Session {
     incoming: VecDeque<StreamId>,
     /// Credit the peer granted (MAX_STREAM_DATA received): progress for blocked senders.
     credits: usize,
+    /// Streams whose reads or writes may go further now (see [`Session::take_wakeups`]).
+    wake_read: BTreeSet<StreamId>,
+    wake_write: BTreeSet<StreamId>,
+    /// Streams whose last send found no room.
+    blocked: BTreeSet<StreamId>,
     closed: Option<String>,
     /// Closed because the peer is gone (not by either side's close).
     aborted: bool,
@@ -249,6 +254,9 @@ impl Session {
             peer_max_stream: None,
             incoming: VecDeque::new(),
             credits: 0,
+            wake_read: BTreeSet::new(),
+            wake_write: BTreeSet::new(),
+            blocked: BTreeSet::new(),
             cfg,
             policy,
             paths: BTreeMap::new(),
@@ -512,9 +520,19 @@ impl Session {
     /// [`Session::send`] on stream `id`.
     pub fn send_on(&mut self, id: StreamId, data: &[u8], labels: Labels) -> Result<usize, SendError> {
         // Check first, so nothing is copied for a call that takes nothing.
-        let room = self.send_room_on(id, labels)?;
+        let room = self.room_or_block(id, labels)?;
         let bytes = self.tx.copy_in(data, room);
         self.send_bytes_on(id, bytes, labels)
+    }
+
+    /// [`Session::send_room_on`], remembering a stream that found no room so that it is woken
+    /// when there is some ([`Session::take_wakeups`]).
+    fn room_or_block(&mut self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
+        let r = self.send_room_on(id, labels);
+        if r == Err(SendError::Full) {
+            self.blocked.insert(id);
+        }
+        r
     }
 
     /// How much stream `id` takes now with `labels`, or why nothing.
@@ -542,7 +560,7 @@ impl Session {
         mut data: Bytes,
         labels: Labels,
     ) -> Result<usize, SendError> {
-        let room = self.send_room_on(id, labels)?;
+        let room = self.room_or_block(id, labels)?;
         data.truncate(room);
         let n = data.len();
         let mut offset = match self.streams.get(&id) {
@@ -560,6 +578,15 @@ impl Session {
             s.send.next_offset = offset;
         }
         Ok(n)
+    }
+
+    /// The streams whose reads, and those whose writes, may go further since the last call:
+    /// a driver wakes only their waiters (all of them when paths change or the session ends).
+    pub fn take_wakeups(&mut self) -> (Vec<StreamId>, Vec<StreamId>) {
+        (
+            std::mem::take(&mut self.wake_read).into_iter().collect(),
+            std::mem::take(&mut self.wake_write).into_iter().collect(),
+        )
     }
 
     /// Free bytes in the send buffer (and the session window).
@@ -829,6 +856,7 @@ impl Session {
                     if max > s.send.max {
                         s.send.max = max;
                         self.credits += 1;
+                        self.wake_write.insert(stream);
                     }
                 }
                 self.on_reliable(id, seq, 1, now);
@@ -842,6 +870,7 @@ impl Session {
                         self.consumed += unread as u64;
                     }
                     let _ = final_size;
+                    self.wake_read.insert(stream);
                     self.maybe_retire(stream);
                 }
                 self.on_reliable(id, seq, 1, now);
@@ -853,6 +882,7 @@ impl Session {
                     }
                     // The peer reads no more: our half ends with a reset.
                     let _ = self.reset_stream(stream, code);
+                    self.wake_write.insert(stream);
                 }
                 self.on_reliable(id, seq, 1, now);
             }
@@ -912,6 +942,7 @@ impl Session {
         if kept {
             self.on_reliable(id, seq, len.max(1) as u64, now);
         }
+        self.wake_read.insert(stream);
         self.maybe_credit(stream);
         Ok(())
     }
@@ -936,10 +967,15 @@ impl Session {
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {
         let waiting = &mut self.waiting;
         let mut ended = Vec::new();
+        let before = (self.tx.acked_chunks(), self.tx.peer_window());
         self.tx.on_ack(cumulative, window, ranges, |seq, ends| {
             waiting.remove(&seq);
             ended.extend(ends);
         });
+        if (self.tx.acked_chunks(), self.tx.peer_window()) != before {
+            // Room again: every stream that found none may try.
+            self.wake_write.extend(std::mem::take(&mut self.blocked));
+        }
         for s in ended {
             if let Some(st) = self.streams.get_mut(&s) {
                 st.send.end_acked = true;
