@@ -6,10 +6,15 @@
 //! joins a session this listener does not know (its process restarted) is refused with CLOSE,
 //! so the peer fails at once instead of losing what the old process had received. The
 //! accepting side never dials, so the peer may sit behind NAT.
+//!
+//! Connections still waiting for HELLO are bounded ([`MAX_AWAITING_HELLO`] in all,
+//! [`MAX_AWAITING_HELLO_PER_IP`] from one address): one that would pass a bound is closed at
+//! once, so silent connections cost a bounded number of tasks and sockets, and one source
+//! cannot take every slot from the others.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -27,6 +32,54 @@ use crate::session::{Hello, network_from_info, read_hello};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// New sessions waiting for `accept`; past this the listener stops reading new HELLOs.
 const BACKLOG: usize = 128;
+/// Most connections waiting for HELLO at once; past it new ones are closed at once.
+pub const MAX_AWAITING_HELLO: usize = 256;
+/// Most connections from one IP address waiting for HELLO at once (a multi-socket opens one
+/// path per network, so a real peer needs a few).
+pub const MAX_AWAITING_HELLO_PER_IP: usize = 16;
+
+/// The connections waiting for HELLO, in all and per source address.
+#[derive(Default)]
+struct AwaitingHello {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One connection's place among those waiting for HELLO; given back when dropped.
+struct HelloSlot {
+    awaiting: Arc<Mutex<AwaitingHello>>,
+    ip: IpAddr,
+}
+
+impl AwaitingHello {
+    /// A place for a connection from `ip`, or why there is none.
+    fn admit(awaiting: &Arc<Mutex<AwaitingHello>>, ip: IpAddr) -> Result<HelloSlot, String> {
+        let mut a = awaiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let from_ip = a.per_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= MAX_AWAITING_HELLO_PER_IP {
+            return Err(format!("{from_ip} connections from {ip} already wait for HELLO"));
+        }
+        if a.total >= MAX_AWAITING_HELLO {
+            return Err(format!("{} connections already wait for HELLO", a.total));
+        }
+        a.total += 1;
+        *a.per_ip.entry(ip).or_default() += 1;
+        Ok(HelloSlot { awaiting: awaiting.clone(), ip })
+    }
+}
+
+impl Drop for HelloSlot {
+    fn drop(&mut self) {
+        let mut a = self.awaiting.lock().unwrap_or_else(PoisonError::into_inner);
+        a.total = a.total.saturating_sub(1);
+        if let Some(n) = a.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                a.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
 
 type Sessions = Arc<Mutex<HashMap<SessionId, Weak<CmmSocket>>>>;
 
@@ -83,6 +136,7 @@ async fn accept_loop(
     tx: mpsc::Sender<MultiSocket>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    let awaiting = Arc::new(Mutex::new(AwaitingHello::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => {
@@ -96,19 +150,29 @@ async fn accept_loop(
                 continue;
             }
         };
+        let slot = match AwaitingHello::admit(&awaiting, peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::info!(%peer, "closing a new connection at once: {why}");
+                drop(stream);
+                continue;
+            }
+        };
         let (connector, sessions, tx) = (connector.clone(), sessions.clone(), tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = attach(stream, peer, connector, sessions, tx).await {
+            if let Err(e) = attach(stream, peer, slot, connector, sessions, tx).await {
                 tracing::info!(%peer, "refused a path: {e}");
             }
         });
     }
 }
 
-/// Reads HELLO and hands the connection to its session.
+/// Reads HELLO and hands the connection to its session; `slot` is its place among the
+/// connections waiting for HELLO, given back once HELLO is read.
 async fn attach(
     mut stream: TcpStream,
     peer: SocketAddr,
+    slot: HelloSlot,
     connector: Connector,
     sessions: Sessions,
     tx: mpsc::Sender<MultiSocket>,
@@ -131,6 +195,7 @@ async fn attach(
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time"))??;
+    drop(slot);
     let Hello { session: id, path, join, network: info } = hello;
     let rest = decoder.take_buffered();
     let network = network_from_info(&info, path);
@@ -169,4 +234,29 @@ async fn attach(
         tx.send(MultiSocket::from_cmm(sock)).await.map_err(|_| io::Error::other("the listener is gone"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_waiting_for_hello_are_bounded_per_address_and_in_all_and_given_back() {
+        let awaiting = Arc::new(Mutex::new(AwaitingHello::default()));
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let one: Vec<HelloSlot> =
+            (0..MAX_AWAITING_HELLO_PER_IP).map(|_| AwaitingHello::admit(&awaiting, ip(0)).unwrap()).collect();
+        let why = AwaitingHello::admit(&awaiting, ip(0)).err().unwrap();
+        assert!(why.contains("from 10.0.0.0"), "{why}");
+        let others: Vec<HelloSlot> = (MAX_AWAITING_HELLO_PER_IP..MAX_AWAITING_HELLO)
+            .map(|i| AwaitingHello::admit(&awaiting, ip(i as u32)).unwrap())
+            .collect();
+        let why = AwaitingHello::admit(&awaiting, ip(100_000)).err().unwrap();
+        assert!(why.contains(&format!("{MAX_AWAITING_HELLO} connections already")), "{why}");
+        drop(one);
+        assert!(AwaitingHello::admit(&awaiting, ip(0)).is_ok());
+        drop(others);
+        let a = awaiting.lock().unwrap();
+        assert_eq!((a.total, a.per_ip.len()), (0, 0), "every place given back");
+    }
 }

@@ -503,3 +503,63 @@ async fn a_restarted_peer_refuses_the_old_session_rather_than_lose_its_bytes() {
     let fresh = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
     echo_once(&fresh, b"after").await;
 }
+
+/// A TCP connection from `source` that never says HELLO.
+async fn silent(source: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// Whether the other end closed `s` (end of stream or a reset) within `wait`.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(tokio::time::timeout(wait, s.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_say_hello_are_bounded_and_real_peers_still_connect() {
+    use cmm::listener::{MAX_AWAITING_HELLO, MAX_AWAITING_HELLO_PER_IP};
+    let server = Server::start("127.0.0.1:0".parse().unwrap());
+    let addr = server.addr;
+    // One source fills its share: its next connection is closed at once, not after the 10 s
+    // HELLO timeout, and those within the bound stay open.
+    let mut held = Vec::new();
+    for _ in 0..MAX_AWAITING_HELLO_PER_IP {
+        held.push(silent("127.0.0.2", addr).await);
+    }
+    let mut extra = silent("127.0.0.2", addr).await;
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await, "over the bound of one source");
+    for s in &held {
+        let r = s.try_read(&mut [0u8; 1]);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "{r:?}");
+    }
+    // A real peer from another address still connects.
+    let connector =
+        Connector::new(Scout::manual(networks()), Arc::new(Policy::default()), Duration::from_secs(2));
+    let client = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+    wait_for(|| client.paths().iter().filter(|p| p.established).count() == 2).await;
+    echo_once(&client, b"past the silent ones").await;
+
+    // Many sources fill the total: a connection from yet another is closed at once.
+    for i in 0..MAX_AWAITING_HELLO / MAX_AWAITING_HELLO_PER_IP - 1 {
+        for _ in 0..MAX_AWAITING_HELLO_PER_IP {
+            held.push(silent(&format!("127.0.1.{i}"), addr).await);
+        }
+    }
+    assert_eq!(held.len(), MAX_AWAITING_HELLO);
+    let mut extra = silent("127.0.2.1", addr).await;
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await, "over the total bound");
+    // Established paths do not count: the first peer carries on.
+    echo_once(&client, b"still here").await;
+    // Once the silent ones go, their places are free again, and a new peer connects.
+    drop(held);
+    for _ in 0..100 {
+        let mut probe = silent("127.0.2.2", addr).await;
+        if !closed_within(&mut probe, Duration::from_millis(100)).await {
+            break;
+        }
+    }
+    let fresh = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+    echo_once(&fresh, b"after").await;
+}
