@@ -16,6 +16,14 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// A multi-socket to `addr` over one network on loopback.
+async fn connect_over_lo(policy: Arc<Policy>, addr: std::net::SocketAddr) -> MultiSocket {
+    let mut lo = Network::new("lo", "lo", NetworkKind::Ethernet);
+    lo.addresses = vec!["127.0.0.1".parse().unwrap()];
+    let connector = Connector::new(Scout::manual(vec![lo]), policy, Duration::from_secs(5));
+    MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap()
+}
+
 fn tcp(bytes: u64) -> f64 {
     let server_rt = runtime();
     let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -73,10 +81,7 @@ fn multisocket_with(bytes: u64, zero_copy: bool) -> f64 {
     let client_rt = runtime();
     let start = Instant::now();
     let sock = client_rt.block_on(async move {
-        let mut lo = Network::new("lo", "lo", NetworkKind::Ethernet);
-        lo.addresses = vec!["127.0.0.1".parse().unwrap()];
-        let connector = Connector::new(Scout::manual(vec![lo]), policy, Duration::from_secs(5));
-        let s = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+        let s = connect_over_lo(policy, addr).await;
         let buf = vec![0x5au8; BUF];
         let shared = bytes::Bytes::from(buf.clone());
         let mut n = 0;
@@ -132,10 +137,7 @@ fn streams(bytes: u64, n: usize, stopped: bool) -> f64 {
     let client_rt = runtime();
     let start = Instant::now();
     let sock = client_rt.block_on(async move {
-        let mut lo = Network::new("lo", "lo", NetworkKind::Ethernet);
-        lo.addresses = vec!["127.0.0.1".parse().unwrap()];
-        let connector = Connector::new(Scout::manual(vec![lo]), policy, Duration::from_secs(5));
-        let s = MultiSocket::connect(&connector, addr, Labels::NONE, Callbacks::default()).await.unwrap();
+        let s = connect_over_lo(policy, addr).await;
         if stopped {
             let mut st = s.open_stream(Labels::BACKGROUND).unwrap();
             tokio::spawn(async move {
