@@ -130,6 +130,14 @@ pub enum ProtocolError {
         /// The limit.
         limit: usize,
     },
+    /// A sequence number or offset whose range runs past the end of the number space.
+    #[error("range at {start} of {len} bytes runs past 2^64")]
+    RangeOverflow {
+        /// Where it starts.
+        start: u64,
+        /// Its length.
+        len: u64,
+    },
     /// A FIN below data already received.
     #[error("FIN at {offset} is below data already received")]
     FinBelowData {

@@ -859,7 +859,7 @@ impl Session {
                         self.wake_write.insert(stream);
                     }
                 }
-                self.on_reliable(id, seq, 1, now);
+                self.on_reliable(id, seq, 1, now)?;
             }
             Frame::ResetStream { seq, stream, code, final_size } => {
                 if let Some(s) = self.peer_stream(stream)? {
@@ -873,7 +873,7 @@ impl Session {
                     self.wake_read.insert(stream);
                     self.maybe_retire(stream);
                 }
-                self.on_reliable(id, seq, 1, now);
+                self.on_reliable(id, seq, 1, now)?;
             }
             Frame::StopSending { seq, stream, code } => {
                 if let Some(s) = self.peer_stream(stream)? {
@@ -884,7 +884,7 @@ impl Session {
                     let _ = self.reset_stream(stream, code);
                     self.wake_write.insert(stream);
                 }
-                self.on_reliable(id, seq, 1, now);
+                self.on_reliable(id, seq, 1, now)?;
             }
             Frame::Ack { cumulative, window, ranges } => self.on_ack(id, cumulative, window, &ranges, now),
             Frame::Ping => {
@@ -920,6 +920,12 @@ impl Session {
         now: Instant,
     ) -> Result<(), SessionError> {
         let len = data.len();
+        if offset.checked_add(len as u64).is_none() {
+            return Err(ProtocolError::RangeOverflow { start: offset, len: len as u64 }.into());
+        }
+        if seq.checked_add(len.max(1) as u64).is_none() {
+            return Err(ProtocolError::RangeOverflow { start: seq, len: len as u64 }.into());
+        }
         let kept = match self.peer_stream(stream)? {
             // Over, reset or stopped: acknowledged and dropped.
             None => true,
@@ -940,7 +946,7 @@ impl Session {
             p.bytes_received += len as u64;
         }
         if kept {
-            self.on_reliable(id, seq, len.max(1) as u64, now);
+            self.on_reliable(id, seq, len.max(1) as u64, now)?;
         }
         self.wake_read.insert(stream);
         self.maybe_credit(stream);
@@ -950,9 +956,10 @@ impl Session {
     /// A reliable frame at `[seq, seq + len)` arrived on path `id`: it is acknowledged there,
     /// every few frames at once, otherwise within `ack_delay` (enough acknowledgements to keep
     /// the sender's window open without a wakeup per chunk).
-    fn on_reliable(&mut self, id: PathId, seq: u64, len: u64, now: Instant) {
-        if !self.received.insert(seq, seq + len) {
-            return;
+    fn on_reliable(&mut self, id: PathId, seq: u64, len: u64, now: Instant) -> Result<(), ProtocolError> {
+        let end = seq.checked_add(len).ok_or(ProtocolError::RangeOverflow { start: seq, len })?;
+        if !self.received.insert(seq, end) {
+            return Ok(());
         }
         if let Some(p) = self.paths.get_mut(&id) {
             p.data_since_ack += 1;
@@ -962,6 +969,7 @@ impl Session {
                 p.ack_due = Some(now + self.cfg.ack_delay);
             }
         }
+        Ok(())
     }
 
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {

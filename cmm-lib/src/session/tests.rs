@@ -1528,3 +1528,45 @@ fn streams_beyond_the_limit_or_never_opened_are_protocol_errors() {
         Err(SessionError::Protocol(ProtocolError::TooManyStreams { .. }))
     ));
 }
+
+#[test]
+fn ranges_past_the_end_of_the_number_space_are_protocol_errors() {
+    // Found by the session_input fuzz target: a sequence number or offset near 2^64 whose end
+    // wraps once panicked on the overflow.
+    let now = Instant::now();
+    let frame = |seq: u64, offset: u64| {
+        let mut out = BytesMut::new();
+        Frame::Data {
+            seq,
+            stream: 0,
+            offset,
+            labels: Labels::NONE,
+            fin: false,
+            data: Bytes::from_static(b"xy"),
+        }
+        .encode(&mut out);
+        out
+    };
+    for (seq, offset) in [(u64::MAX - 1, 0), (0, u64::MAX - 1)] {
+        let mut b = Session::new(Role::Accepting, SessionId([6; 16]), SessionConfig::default(), policy());
+        b.add_path(1, wifi(), now);
+        // (The decoder itself refuses an offset that wraps.)
+        let r = b.handle_input(1, &frame(seq, offset), now);
+        assert!(
+            matches!(
+                r,
+                Err(SessionError::Protocol(ProtocolError::RangeOverflow { .. }))
+                    | Err(SessionError::Frame(_))
+            ),
+            "{r:?}"
+        );
+    }
+    let mut b = Session::new(Role::Accepting, SessionId([6; 16]), SessionConfig::default(), policy());
+    b.add_path(1, wifi(), now);
+    let mut out = BytesMut::new();
+    Frame::MaxStreamData { seq: u64::MAX, stream: 0, max: 1 }.encode(&mut out);
+    assert!(matches!(
+        b.handle_input(1, &out, now),
+        Err(SessionError::Protocol(ProtocolError::RangeOverflow { .. }))
+    ));
+}
