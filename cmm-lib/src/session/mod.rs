@@ -576,6 +576,7 @@ impl Session {
         }
         if let Some(s) = self.streams.get_mut(&id) {
             s.send.next_offset = offset;
+            s.send.labels = labels;
         }
         Ok(n)
     }
@@ -736,9 +737,9 @@ impl Session {
         if s.send.fin.is_some() || s.send.reset.is_some() {
             return Ok(());
         }
-        let offset = s.send.next_offset;
+        let (offset, labels) = (s.send.next_offset, s.send.labels);
         s.send.fin = Some(offset);
-        let c = self.tx.push(Labels::NONE, Body::Data { stream: id, offset, fin: true, data: Bytes::new() });
+        let c = self.tx.push(labels, Body::Data { stream: id, offset, fin: true, data: Bytes::new() });
         self.place(c);
         Ok(())
     }
@@ -940,7 +941,7 @@ impl Session {
             }
         };
         if let Some(p) = self.paths.get_mut(&id) {
-            if !labels.contains(Labels::BACKGROUND) {
+            if len > 0 && !labels.contains(Labels::BACKGROUND) {
                 self.trickler.foreground(&p.network.interface, now);
             }
             p.bytes_received += len as u64;
@@ -1113,8 +1114,9 @@ impl Session {
             }
         }
         let c = p.queue.pop_front()?;
-        // Foreground data starts pacing background traffic there; control chunks do not.
-        if !c.background() && matches!(c.body, Body::Data { .. }) {
+        // Foreground data starts pacing background traffic there; control chunks and a bare
+        // FIN do not.
+        if !c.background() && c.payload_len() > 0 {
             self.trickler.foreground(&p.network.interface, now);
         }
         let (header, payload) = match &c.body {

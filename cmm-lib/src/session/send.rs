@@ -269,12 +269,23 @@ pub struct SendStream {
     pub stopped: Option<u32>,
     /// Whether the FIN or RESET reached the peer.
     pub end_acked: bool,
+    /// The labels of the latest bytes sent: the FIN carries them, so the end of a background
+    /// stream is background too.
+    pub labels: Labels,
 }
 
 impl SendStream {
     /// A stream the peer lets send `initial` bytes before crediting more.
     pub fn new(initial: u64) -> SendStream {
-        SendStream { next_offset: 0, max: initial, fin: None, reset: None, stopped: None, end_acked: false }
+        SendStream {
+            next_offset: 0,
+            max: initial,
+            fin: None,
+            reset: None,
+            stopped: None,
+            end_acked: false,
+            labels: Labels::NONE,
+        }
     }
 
     /// Stream bytes its window takes now.

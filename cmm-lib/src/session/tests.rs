@@ -947,6 +947,15 @@ fn foreground_chunks_sent_or_received_start_pacing_on_both_sides() {
     sim.run_until(Duration::from_secs(1), |s| s.got.len() == 4);
     assert!(!sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
     assert!(!sim.b.trickler.pacing(&b_network(&sim), sim.now));
+    // Nor does the end of a background stream: its FIN is background too (once, one
+    // finished download paced every other background stream of the session for 5 s).
+    let other = sim.a.open_stream().unwrap();
+    sim.a.send_on(other, b"more sync", Labels::BACKGROUND).unwrap();
+    sim.a.shutdown_stream(other).unwrap();
+    sim.a.shutdown();
+    sim.run_until(Duration::from_secs(1), |s| s.b_eof && s.a.all_acked());
+    assert!(!sim.a.trickler.pacing(&slow_declared_wifi(), sim.now));
+    assert!(!sim.b.trickler.pacing(&b_network(&sim), sim.now));
 }
 
 // ---------------------------------------------------------------------------------------------
