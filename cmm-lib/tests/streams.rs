@@ -61,7 +61,9 @@ async fn exchange(mut s: Stream, data: Vec<u8>) -> Vec<u8> {
     };
     let read = async {
         let mut got = Vec::new();
-        rd.read_to_end(&mut got).await.unwrap();
+        if let Err(e) = rd.read_to_end(&mut got).await {
+            panic!("read failed after {} bytes: {e:?}", got.len())
+        }
         got
     };
     let ((), got) = tokio::join!(write, read);

@@ -488,6 +488,19 @@ impl Session {
         Ok(self.streams.get_mut(&id))
     }
 
+    /// Whether stream `id` existed and was retired (both halves over): its reads give the
+    /// end of stream, its writes `Shutdown`.
+    fn retired(&self, id: StreamId) -> bool {
+        if id == 0 || self.streams.contains_key(&id) {
+            return false;
+        }
+        if stream::opened_by(id, self.role) {
+            id < self.next_stream
+        } else {
+            self.peer_max_stream.is_some_and(|m| id <= m)
+        }
+    }
+
     /// Drops a stream (not 0) whose both halves are over.
     fn maybe_retire(&mut self, id: StreamId) {
         if id != 0 && self.streams.get(&id).is_some_and(|s| s.send.done() && s.recv.done()) {
@@ -538,6 +551,9 @@ impl Session {
     /// How much stream `id` takes now with `labels`, or why nothing.
     fn send_room_on(&self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
         self.check_open()?;
+        if self.retired(id) {
+            return Err(SendError::Shutdown);
+        }
         let s = self.streams.get(&id).ok_or(SendError::NoStream(id))?;
         if let Some(code) = s.send.stopped {
             return Err(SendError::Stopped(code));
@@ -630,6 +646,9 @@ impl Session {
 
     /// [`Session::recv`] on stream `id`.
     pub fn recv_on(&mut self, id: StreamId, buf: &mut [u8]) -> Result<(usize, Labels), RecvError> {
+        if self.retired(id) {
+            return Ok((0, Labels::NONE));
+        }
         let got = self.streams.get_mut(&id).ok_or(RecvError::NoStream(id))?.recv.asm.read(buf);
         match got {
             Some((n, labels)) => {
@@ -642,6 +661,9 @@ impl Session {
 
     /// [`Session::recv_bytes`] on stream `id`.
     pub fn recv_bytes_on(&mut self, id: StreamId, max: usize) -> Result<(Bytes, Labels), RecvError> {
+        if self.retired(id) {
+            return Ok((Bytes::new(), Labels::NONE));
+        }
         let got = self.streams.get_mut(&id).ok_or(RecvError::NoStream(id))?.recv.asm.read_bytes(max);
         match got {
             Some((b, labels)) => {
@@ -660,6 +682,10 @@ impl Session {
             return Ok(());
         }
         if let Some(code) = s.recv.reset {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.recv.reset_seen = true;
+            }
+            self.maybe_retire(id);
             return Err(RecvError::StreamReset(code));
         }
         Err(self.recv_error())

@@ -23,12 +23,16 @@ pub struct RecvStream {
     pub reset: Option<u32>,
     /// We asked the peer to stop (and dropped what it sent).
     pub stopped: bool,
+    /// The reader was told of the reset (a stream is not retired before: its reader would
+    /// find an end of stream instead).
+    pub reset_seen: bool,
 }
 
 impl RecvStream {
-    /// Whether this half is over: the end (or a reset, or our stop) and nothing left to read.
+    /// Whether this half is over: the end (or a reset its reader saw, or our stop) and
+    /// nothing left to read.
     pub fn done(&self) -> bool {
-        self.asm.finished() || ((self.reset.is_some() || self.stopped) && !self.asm.has_data())
+        self.asm.finished() || ((self.reset_seen || self.stopped) && !self.asm.has_data())
     }
 }
 
@@ -47,7 +51,12 @@ impl StreamState {
     pub fn new(send_window: u64, recv_initial: u64, recv_window: u64) -> StreamState {
         StreamState {
             send: SendStream::new(send_window),
-            recv: RecvStream { asm: Assembler::new(recv_initial, recv_window), reset: None, stopped: false },
+            recv: RecvStream {
+                asm: Assembler::new(recv_initial, recv_window),
+                reset: None,
+                stopped: false,
+                reset_seen: false,
+            },
         }
     }
 }

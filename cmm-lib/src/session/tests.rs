@@ -1579,3 +1579,37 @@ fn ranges_past_the_end_of_the_number_space_are_protocol_errors() {
         Err(SessionError::Protocol(ProtocolError::RangeOverflow { .. }))
     ));
 }
+
+#[test]
+fn a_stream_read_to_its_last_byte_still_ends_or_fails_after_it_is_retired() {
+    // Seen with 100 streams at once: the reader took the last byte, both halves were over and
+    // acknowledged, the stream was retired, and the reader's next read — which must say "end
+    // of stream" — failed with "no stream".
+    let mut sim = two_paths();
+    let id = sim.a.open_stream().unwrap();
+    sim.b_streams.insert(id, StreamLog { reads: false, ..StreamLog::default() });
+    send_all_on(&mut sim, id, b"hello", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.a.shutdown_stream(id).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.b.stream_ids().contains(&id) && s.b.stream_readable(id));
+    let mut buf = [0u8; 5];
+    assert_eq!(sim.b.recv_on(id, &mut buf), Ok((5, Labels::ONDEMAND)));
+    sim.b.shutdown_stream(id).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.a.all_acked() && s.b.all_acked());
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.b.stream_readable(id));
+    for _ in 0..2 {
+        assert_eq!(sim.b.recv_on(id, &mut buf), Ok((0, Labels::NONE)));
+    }
+    assert_eq!(sim.b.send_on(id, b"x", Labels::ONDEMAND), Err(SendError::Shutdown));
+
+    // A reset that the reader has not seen yet is not lost to the stream's retirement.
+    let id = sim.a.open_stream().unwrap();
+    sim.b_streams.insert(id, StreamLog { reads: false, ..StreamLog::default() });
+    send_all_on(&mut sim, id, b"partial", Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(5), |s| s.b.stream_ids().contains(&id) && s.b.stream_readable(id));
+    sim.a.reset_stream(id, 7).unwrap();
+    sim.b.shutdown_stream(id).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.a.all_acked() && s.b.all_acked());
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.b.recv_on(id, &mut buf), Err(RecvError::StreamReset(7)));
+}
