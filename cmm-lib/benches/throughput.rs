@@ -184,6 +184,14 @@ fn main() {
         }
         return;
     }
+    if std::env::args().any(|a| a == "--tcp-only") {
+        println!("plain TCP (tokio):  {:.2} Gbit/s", best(tcp));
+        return;
+    }
+    if std::env::args().any(|a| a == "--zero-copy-only") {
+        println!("cmm send_bytes/recv_bytes:  {:.2} Gbit/s", best(multisocket_zero_copy));
+        return;
+    }
     if std::env::args().any(|a| a == "--cmm-only") {
         println!("cmm multi-socket:   {:.2} Gbit/s", best(multisocket));
         return;

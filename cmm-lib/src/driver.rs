@@ -720,6 +720,9 @@ fn outcome_of(e: &io::Error) -> Outcome {
     }
 }
 
+/// A path that has read only a little for this long gives back its spare read buffers.
+const QUIET: Duration = Duration::from_secs(1);
+
 /// How often a path's TCP_INFO is read for the scout's estimates.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
@@ -737,6 +740,7 @@ async fn read_loop(
     let mut decoder = FrameDecoder::new();
     decoder.push_owned(initial);
     let mut frames = Vec::new();
+    let mut last_big_read = Instant::now();
     loop {
         loop {
             match decoder.next_frame() {
@@ -777,7 +781,14 @@ async fn read_loop(
                 sock.end_path_with(id, "closed by the peer", Outcome::Refused);
                 return;
             }
-            Ok(_) => {}
+            // Short reads for a while: the connection is not streaming, so the buffers kept
+            // for reuse go back (a quiet session holds one read buffer per path).
+            Ok(n) if n < READ / 16 => {
+                if last_big_read.elapsed() > QUIET {
+                    decoder.release_spare();
+                }
+            }
+            Ok(_) => last_big_read = Instant::now(),
             Err(e) => {
                 sock.end_path_with(id, &e.to_string(), outcome_of(&e));
                 return;

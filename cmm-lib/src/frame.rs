@@ -11,6 +11,8 @@ use std::fmt;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cmm_policy::{Labels, NetworkKind};
 
+use crate::recycle::Recycler;
+
 /// Protocol version spoken by this implementation.
 pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
@@ -524,9 +526,22 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
 }
 
 /// Splits a byte stream from one physical connection into frames.
-#[derive(Default)]
 pub struct FrameDecoder {
     buf: BytesMut,
+    /// Earlier read buffers, written again once the frames cut from them are released.
+    recycler: Recycler,
+}
+
+/// Read buffers a decoder keeps for reuse: enough to cover the reads whose data chunks the
+/// application has not taken yet, up to a session window's worth (8 MiB in 512 KiB buffers)
+/// — while they hold unread data they cost nothing extra; free ones are given back when the
+/// connection goes quiet ([`FrameDecoder::release_spare`]).
+const KEEP_READ_BUFFERS: usize = 20;
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder { buf: BytesMut::new(), recycler: Recycler::new(0, KEEP_READ_BUFFERS) }
+    }
 }
 
 impl FrameDecoder {
@@ -560,8 +575,13 @@ impl FrameDecoder {
     /// decoder: frames then borrow from what was read, and only a partial frame left at the end
     /// is ever moved. Reserves room for at least `room` more bytes first.
     pub fn read_buffer(&mut self, room: usize) -> &mut BytesMut {
-        self.buf.reserve(room);
+        self.recycler.ensure(&mut self.buf, room);
         &mut self.buf
+    }
+
+    /// Gives back the read buffers kept for reuse (the connection went quiet).
+    pub fn release_spare(&mut self) {
+        self.recycler.trim(0);
     }
 
     /// Takes whatever is buffered (to hand a path from a listener over to its session).
@@ -584,7 +604,7 @@ impl FrameDecoder {
             return Err(FrameError::UnknownType(code));
         }
         if self.buf.len() < HEADER + len {
-            self.buf.reserve(HEADER + len - self.buf.len());
+            // (`read_buffer` makes the room: any frame fits in what it reserves.)
             return Ok(None);
         }
         self.buf.advance(HEADER);

@@ -38,6 +38,7 @@ pub mod multisocket;
 pub mod net;
 pub mod path_manager;
 pub mod plain;
+mod recycle;
 pub mod session;
 pub mod stream;
 pub mod target;

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use cmm_policy::Labels;
 
 use crate::frame::{Frame, StreamId};
+use crate::recycle::Recycler;
 
 /// What a chunk carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +118,9 @@ impl Chunk {
     }
 }
 
+/// Size of the regions the application's bytes are copied into.
+const REGION: usize = 1 << 20;
+
 /// What an acknowledged chunk was, for the stream it belonged to.
 #[derive(Clone, Copy, Debug)]
 struct Owed {
@@ -135,6 +139,8 @@ pub struct SendBuffer {
     unacked: BTreeMap<u64, Owed>,
     /// Copies from the application go here; reused once its chunks are acknowledged.
     region: BytesMut,
+    /// Earlier regions, written again once their chunks are acknowledged.
+    regions: Recycler,
     acked_chunks: usize,
     buffered: usize,
     /// The first sequence number the peer's session window does not allow yet.
@@ -150,6 +156,7 @@ impl SendBuffer {
             next_seq: 0,
             unacked: BTreeMap::new(),
             region: BytesMut::new(),
+            regions: Recycler::new(REGION, capacity / REGION + 2),
             acked_chunks: 0,
             buffered: 0,
             peer_window: initial_window,
@@ -166,7 +173,7 @@ impl SendBuffer {
     /// on the hot path) and returns them.
     pub fn copy_in(&mut self, data: &[u8], max: usize) -> Bytes {
         let n = data.len().min(max);
-        self.region.reserve(n.max(1 << 20));
+        self.regions.ensure(&mut self.region, n);
         self.region.extend_from_slice(&data[..n]);
         self.region.split().freeze()
     }
@@ -219,6 +226,10 @@ impl SendBuffer {
                 self.acked_chunks += 1;
                 acked(s, o.ends);
             }
+        }
+        if self.unacked.is_empty() {
+            // Idle: every region is free again; one is enough for what comes next.
+            self.regions.trim(1);
         }
     }
 
