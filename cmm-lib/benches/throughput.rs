@@ -180,7 +180,8 @@ fn main() {
     let best = |f: fn(u64) -> f64| (0..3).map(|_| f(bytes)).fold(0.0, f64::max);
     if std::env::args().any(|a| a == "--streams-only") {
         for (n, stopped) in [(1, false), (100, false), (100, true)] {
-            println!("{n} streams, stopped={stopped}: {:.2} Gbit/s", streams(bytes, n, stopped));
+            let g = (0..3).map(|_| streams(bytes, n, stopped)).fold(0.0, f64::max);
+            println!("{n} streams, stopped={stopped}: {g:.2} Gbit/s");
         }
         return;
     }

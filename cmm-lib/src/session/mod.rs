@@ -222,8 +222,9 @@ pub struct Session {
     /// Streams whose reads or writes may go further now (see [`Session::take_wakeups`]).
     wake_read: BTreeSet<StreamId>,
     wake_write: BTreeSet<StreamId>,
-    /// Streams whose last send found no room.
-    blocked: BTreeSet<StreamId>,
+    /// Streams whose last send found the session's buffer or window full, in the order they
+    /// found it (woken in that order, only as many as the room freed can take).
+    blocked: VecDeque<StreamId>,
     closed: Option<String>,
     /// Closed because the peer is gone (not by either side's close).
     aborted: bool,
@@ -256,7 +257,7 @@ impl Session {
             credits: 0,
             wake_read: BTreeSet::new(),
             wake_write: BTreeSet::new(),
-            blocked: BTreeSet::new(),
+            blocked: VecDeque::new(),
             cfg,
             policy,
             paths: BTreeMap::new(),
@@ -542,8 +543,9 @@ impl Session {
     /// when there is some ([`Session::take_wakeups`]).
     fn room_or_block(&mut self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
         let r = self.send_room_on(id, labels);
-        if r == Err(SendError::Full) {
-            self.blocked.insert(id);
+        // Blocked by the session (its own window's MAX_STREAM_DATA wakes a stream otherwise).
+        if r == Err(SendError::Full) && self.tx.room() == 0 && !self.blocked.contains(&id) {
+            self.blocked.push_back(id);
         }
         r
     }
@@ -999,6 +1001,23 @@ impl Session {
         Ok(())
     }
 
+    /// Room freed: wakes the streams that found none, oldest first, as many as the room can
+    /// take (each at most its own window) — not a hundred writers for one chunk's worth. With
+    /// nothing left unacknowledged no acknowledgement will come to wake the rest, so all go.
+    fn wake_blocked(&mut self) {
+        if self.tx.all_acked() {
+            self.wake_write.extend(self.blocked.drain(..));
+            return;
+        }
+        let mut budget = self.tx.room();
+        while budget > 0 {
+            let Some(id) = self.blocked.pop_front() else { break };
+            let wants = self.streams.get(&id).map_or(0, |s| s.send.room());
+            budget = budget.saturating_sub(wants.max(1));
+            self.wake_write.insert(id);
+        }
+    }
+
     fn on_ack(&mut self, on: PathId, cumulative: u64, window: u64, ranges: &[(u64, u64)], now: Instant) {
         let waiting = &mut self.waiting;
         let mut ended = Vec::new();
@@ -1008,8 +1027,7 @@ impl Session {
             ended.extend(ends);
         });
         if (self.tx.acked_chunks(), self.tx.peer_window()) != before {
-            // Room again: every stream that found none may try.
-            self.wake_write.extend(std::mem::take(&mut self.blocked));
+            self.wake_blocked();
         }
         for s in ended {
             if let Some(st) = self.streams.get_mut(&s) {

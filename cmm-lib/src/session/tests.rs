@@ -1613,3 +1613,47 @@ fn a_stream_read_to_its_last_byte_still_ends_or_fails_after_it_is_retired() {
     sim.run_for(Duration::from_secs(1));
     assert_eq!(sim.b.recv_on(id, &mut buf), Err(RecvError::StreamReset(7)));
 }
+
+#[test]
+fn writers_blocked_on_the_session_are_woken_oldest_first_as_room_allows_and_none_is_forgotten() {
+    // 8 writers of 256 KiB each behind a 512 KiB send buffer; a writer tries again only when
+    // woken. Each acknowledgement wakes as many as the room it freed can take, not all of
+    // them; and every writer finishes (no wakeup is lost).
+    let cfg = SessionConfig { send_buffer: 512 << 10, ..SessionConfig::default() };
+    let mut sim = Sim::with_config(policy(), cfg);
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 1);
+    let data = payload(256 << 10, 3);
+    let ids: Vec<StreamId> = (0..8).map(|_| sim.a.open_stream().unwrap()).collect();
+    let mut sent: BTreeMap<StreamId, usize> = ids.iter().map(|&id| (id, 0)).collect();
+    let mut want: Vec<StreamId> = ids.clone();
+    let (mut most_woken, mut wakeups) = (0, 0);
+    let end = sim.now + Duration::from_secs(30);
+    while sent.values().any(|&n| n < data.len()) {
+        // A woken writer writes until it is done or finds no room (as `write_all` does).
+        for id in std::mem::take(&mut want) {
+            while sent[&id] < data.len() {
+                match sim.a.send_on(id, &data[sent[&id]..], Labels::BACKGROUND) {
+                    Ok(n) => *sent.get_mut(&id).unwrap() += n,
+                    Err(SendError::Full) => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let (_, woken) = sim.a.take_wakeups();
+        if !woken.is_empty() {
+            wakeups += 1;
+            if !sim.a.all_acked() {
+                most_woken = most_woken.max(woken.len());
+            }
+        }
+        want = woken;
+        assert!(sim.now < end, "writers stuck: {sent:?}");
+        if !sim.step() {
+            sim.now += MS;
+        }
+    }
+    assert!(wakeups > 0);
+    assert!(most_woken < 6, "one acknowledgement woke {most_woken} writers");
+    sim.run_until(Duration::from_secs(30), |s| s.a.all_acked());
+}
