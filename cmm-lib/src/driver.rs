@@ -33,6 +33,7 @@ use crate::net;
 use crate::path_manager::{Action, Outcome, PathKey, PathManager, net_key};
 use crate::session::{Event, Role, Session, SessionConfig, Transmit};
 use crate::thunk::{Thunk, Thunks};
+use crate::tls::PublicKey;
 
 /// Longest a path may take from connect to WELCOME.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,6 +119,18 @@ pub(crate) struct CmmSocket {
     role: Role,
     remotes: Vec<SocketAddr>,
     runtime: tokio::runtime::Handle,
+    /// TLS for the paths this side dials (connecting side), if they are to be encrypted.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The key the peer presented (accepting side, TLS).
+    pub(crate) peer_key: Option<PublicKey>,
+}
+
+/// A path's TLS session, shared by its reader (which decrypts) and its writer (which
+/// encrypts); locked only for the synchronous rustls calls, never across an await.
+pub(crate) type TlsSession = Arc<Mutex<rustls::Connection>>;
+
+fn lock_tls(t: &TlsSession) -> MutexGuard<'_, rustls::Connection> {
+    t.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counters that say whether waiting application calls should look again.
@@ -185,6 +198,7 @@ impl CmmSocket {
         callbacks: Callbacks,
         remotes: Vec<SocketAddr>,
         cfg: SessionConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<CmmSocket> {
         let policy = Arc::new(connector.policy().clone());
         let mut session = Session::new(role, id, cfg, policy);
@@ -221,6 +235,8 @@ impl CmmSocket {
             role,
             remotes,
             runtime: tokio::runtime::Handle::current(),
+            tls,
+            peer_key: None,
         })
     }
 
@@ -229,6 +245,7 @@ impl CmmSocket {
         connector: Connector,
         remotes: Vec<SocketAddr>,
         callbacks: Callbacks,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> io::Result<Arc<CmmSocket>> {
         let sock = CmmSocket::new(
             Role::Connecting,
@@ -237,6 +254,7 @@ impl CmmSocket {
             callbacks,
             remotes,
             SessionConfig::default(),
+            tls,
         );
         let timer = sock.runtime.spawn(timer_loop(sock.clone()));
         let manager = sock.runtime.spawn(manage_paths(sock.clone()));
@@ -246,15 +264,24 @@ impl CmmSocket {
 
     /// An accepting multi-socket for a session the peer named; `peer` is where its first path
     /// came from.
-    pub(crate) fn accepting(connector: Connector, id: SessionId, peer: SocketAddr) -> Arc<CmmSocket> {
-        let sock = CmmSocket::new(
+    pub(crate) fn accepting(
+        connector: Connector,
+        id: SessionId,
+        peer: SocketAddr,
+        peer_key: Option<PublicKey>,
+    ) -> Arc<CmmSocket> {
+        let mut sock = CmmSocket::new(
             Role::Accepting,
             id,
             connector,
             Callbacks::default(),
             vec![peer],
             SessionConfig::default(),
+            None,
         );
+        if let Some(s) = Arc::get_mut(&mut sock) {
+            s.peer_key = peer_key;
+        }
         let timer = sock.runtime.spawn(timer_loop(sock.clone()));
         sock.lock().background = vec![timer.abort_handle()];
         sock
@@ -395,6 +422,7 @@ impl CmmSocket {
         self: &Arc<Self>,
         id: PathId,
         stream: TcpStream,
+        tls: Option<rustls::Connection>,
         initial: BytesMut,
         key: Option<PathKey>,
         register: impl FnOnce(&mut State) -> bool,
@@ -404,6 +432,12 @@ impl CmmSocket {
         let local = stream.local_addr().ok();
         let (rd, wr) = stream.into_split();
         let writer = Arc::new(Notify::new());
+        let tls: Option<TlsSession> = tls.map(|mut c| {
+            // Batches are bounded by the writer's low-water mark; the plaintext they become
+            // must fit whole.
+            c.set_buffer_limit(None);
+            Arc::new(Mutex::new(c))
+        });
         self.mutate(|st| {
             if st.closing || !register(st) {
                 if let Some(k) = &key {
@@ -414,9 +448,10 @@ impl CmmSocket {
             if let Some(k) = &key {
                 st.manager.dial_connected(k.clone(), id);
             }
-            let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone()));
+            let w = self.runtime.spawn(write_loop(self.clone(), id, wr, writer.clone(), tls.clone()));
             let interface = key.as_ref().and_then(|(k, _)| k.split_once('/').map(|(_, i)| i.to_string()));
-            let r = self.runtime.spawn(read_loop(self.clone(), id, rd, initial, interface));
+            let r =
+                self.runtime.spawn(read_loop(self.clone(), id, rd, initial, interface, tls, writer.clone()));
             st.paths.insert(
                 id,
                 PathIo { writer, tasks: vec![w.abort_handle(), r.abort_handle()], local, writing: false },
@@ -461,9 +496,10 @@ impl CmmSocket {
         id: PathId,
         network: Network,
         stream: TcpStream,
+        tls: Option<rustls::Connection>,
         rest: BytesMut,
     ) -> bool {
-        self.start_path(id, stream, rest, None, |st| {
+        self.start_path(id, stream, tls, rest, None, |st| {
             if st.session.path_ids().contains(&id) {
                 return false;
             }
@@ -631,8 +667,15 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr, settle
     let key = (net_key(&network), remote);
     let full = sock.connector.connect_timeout();
     let timeout = if settle { crate::connector::settle_timeout(Some(&network), full) } else { full };
-    match net::connect(remote, Some(&network), timeout).await {
-        Ok(stream) => {
+    let connected = match net::connect(remote, Some(&network), timeout).await {
+        Ok(stream) => match &sock.tls {
+            None => Ok((stream, None)),
+            Some(config) => tls_connect(stream, config.clone(), full).await,
+        },
+        Err(e) => Err(e),
+    };
+    match connected {
+        Ok((stream, tls)) => {
             let id = {
                 let mut st = sock.lock();
                 let id = st.next_path;
@@ -640,7 +683,7 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr, settle
                 id
             };
             let n = network.clone();
-            let started = sock.start_path(id, stream, BytesMut::new(), Some(key), move |st| {
+            let started = sock.start_path(id, stream, tls, BytesMut::new(), Some(key), move |st| {
                 st.session.add_path(id, n, Instant::now());
                 true
             });
@@ -665,6 +708,23 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr, settle
             });
         }
     }
+}
+
+/// The TLS handshake on a dialled path, within `timeout`; the socket and its TLS session
+/// after it (no bytes of the peer's are lost: whatever rustls read past the handshake stays
+/// in the session, for the path's reader).
+async fn tls_connect(
+    stream: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> io::Result<(TcpStream, Option<rustls::Connection>)> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tls = tokio::time::timeout(timeout, connector.connect(crate::tls::server_name(), stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+    let (stream, conn) = tls.into_inner();
+    Ok((stream, Some(rustls::Connection::Client(conn))))
 }
 
 async fn manage_paths(sock: Arc<CmmSocket>) {
@@ -732,6 +792,8 @@ async fn read_loop(
     mut rd: OwnedReadHalf,
     initial: BytesMut,
     interface: Option<String>,
+    tls: Option<TlsSession>,
+    writer: Arc<Notify>,
 ) {
     const READ: usize = 256 * 1024;
     let mut last_sample: Option<(Instant, net::TcpStats)> = None;
@@ -741,6 +803,13 @@ async fn read_loop(
     decoder.push_owned(initial);
     let mut frames = Vec::new();
     let mut last_big_read = Instant::now();
+    let mut cipher = if tls.is_some() { vec![0u8; TLS_READ] } else { Vec::new() };
+    if let Some(t) = &tls
+        && let Err(e) = drain_plaintext(&mut lock_tls(t), &mut decoder)
+    {
+        sock.end_path(id, &format!("TLS: {e}"));
+        return;
+    }
     loop {
         loop {
             match decoder.next_frame() {
@@ -776,7 +845,11 @@ async fn read_loop(
             }
             last_sample = Some((now, stats));
         }
-        match rd.read_buf(decoder.read_buffer(READ)).await {
+        let got = match &tls {
+            None => rd.read_buf(decoder.read_buffer(READ)).await,
+            Some(t) => read_tls(&mut rd, t, &mut cipher, &mut decoder, &writer).await,
+        };
+        match got {
             Ok(0) => {
                 sock.end_path_with(id, "closed by the peer", Outcome::Refused);
                 return;
@@ -797,7 +870,92 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, notify: Arc<Notify>) {
+/// Ciphertext read from a TLS path at a time.
+const TLS_READ: usize = 64 * 1024;
+
+/// Reads ciphertext once and decrypts it into `decoder`; returns the ciphertext bytes read
+/// (0: the peer closed). TLS records that rustls wants to answer (a key update) wake the
+/// path's writer.
+async fn read_tls(
+    rd: &mut OwnedReadHalf,
+    tls: &TlsSession,
+    cipher: &mut [u8],
+    decoder: &mut FrameDecoder,
+    writer: &Notify,
+) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt as _;
+    let n = rd.read(cipher).await?;
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut conn = lock_tls(tls);
+    let mut input = &cipher[..n];
+    while !input.is_empty() {
+        conn.read_tls(&mut input)?;
+        conn.process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")))?;
+        if drain_plaintext(&mut conn, decoder)? {
+            return Ok(0);
+        }
+    }
+    if conn.wants_write() {
+        writer.notify_one();
+    }
+    Ok(n)
+}
+
+/// Moves the plaintext rustls holds into `decoder`; true when the peer closed the TLS session.
+fn drain_plaintext(conn: &mut rustls::Connection, decoder: &mut FrameDecoder) -> io::Result<bool> {
+    use std::io::Read as _;
+    let mut plain = [0u8; 16 * 1024];
+    loop {
+        match conn.reader().read(&mut plain) {
+            Ok(0) => return Ok(true),
+            Ok(k) => decoder.push_read(&plain[..k]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Encrypts `batch` (and anything else rustls has to send) and writes it; `out` is the
+/// path's reused ciphertext buffer.
+async fn write_tls(
+    wr: &mut OwnedWriteHalf,
+    tls: &TlsSession,
+    batch: &[Transmit],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    use std::io::Write as _;
+    out.clear();
+    {
+        let mut conn = lock_tls(tls);
+        for t in batch {
+            conn.writer().write_all(&t.header)?;
+            conn.writer().write_all(&t.payload)?;
+        }
+        while conn.wants_write() {
+            conn.write_tls(out)?;
+        }
+    }
+    let mut off = 0;
+    while off < out.len() {
+        let n = net::send_vectored(wr.as_ref(), &[io::IoSlice::new(&out[off..])]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+async fn write_loop(
+    sock: Arc<CmmSocket>,
+    id: PathId,
+    mut wr: OwnedWriteHalf,
+    notify: Arc<Notify>,
+    tls: Option<TlsSession>,
+) {
     // How much to hand the kernel at a time: about 50 ms of the link, so that what is written
     // is on its way soon. Anything not written yet stays in the session, where it can still be
     // moved to another path (a resend never queues behind seconds of backlog).
@@ -808,6 +966,7 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
     };
     let _ = SockRef::from(wr.as_ref()).set_tcp_notsent_lowat(lowat as u32);
     let mut batch: Vec<Transmit> = Vec::with_capacity(16);
+    let mut cipher_out = Vec::new();
     loop {
         {
             let mut st = sock.lock();
@@ -833,11 +992,16 @@ async fn write_loop(sock: Arc<CmmSocket>, id: PathId, mut wr: OwnedWriteHalf, no
                 }
             }
         }
-        if batch.is_empty() {
+        let tls_due = tls.as_ref().is_some_and(|t| lock_tls(t).wants_write());
+        if batch.is_empty() && !tls_due {
             notify.notified().await;
             continue;
         }
-        if let Err(e) = write_all_vectored(&mut wr, &batch).await {
+        let written = match &tls {
+            None => write_all_vectored(&mut wr, &batch).await,
+            Some(t) => write_tls(&mut wr, t, &batch, &mut cipher_out).await,
+        };
+        if let Err(e) = written {
             sock.end_path_with(id, &format!("write failed: {e}"), outcome_of(&e));
             return;
         }

@@ -537,6 +537,8 @@ pub struct FrameDecoder {
 /// — while they hold unread data they cost nothing extra; free ones are given back when the
 /// connection goes quiet ([`FrameDecoder::release_spare`]).
 const KEEP_READ_BUFFERS: usize = 20;
+/// Room a streaming reader keeps ahead of what it buffered.
+const STREAM_READ: usize = 256 * 1024;
 
 impl Default for FrameDecoder {
     fn default() -> Self {
@@ -552,6 +554,13 @@ impl FrameDecoder {
 
     /// Adds bytes read from the connection.
     pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Adds bytes decrypted from a streaming connection: like [`FrameDecoder::push`], into
+    /// buffers as large as a read's and recycled like them.
+    pub fn push_read(&mut self, data: &[u8]) {
+        self.recycler.ensure(&mut self.buf, data.len().max(STREAM_READ));
         self.buf.extend_from_slice(data);
     }
 

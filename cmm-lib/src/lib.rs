@@ -23,6 +23,8 @@
 //! - [`trickle`]: [`Trickler`], background traffic paced while foreground traffic is active on
 //!   a network, and the queueing delays that choices by latency take into account.
 //!
+//! - [`tls`]: TLS 1.3 for a multi-socket's paths ([`MultiSocket::connect_tls`],
+//!   [`Listener::bind_tls`]), both ends authenticated by pinned Ed25519 keys.
 //! - [`ffi`]: the C ABI of `include/libcmm.h` (`libcmm.so`, `libcmm.a`).
 //!
 //! The vocabulary comes from `cmm-policy` and the network view from `cmm-scout`; both are
@@ -43,6 +45,7 @@ pub mod session;
 pub mod stream;
 pub mod target;
 pub mod thunk;
+pub mod tls;
 pub mod trickle;
 
 pub use cmm_policy::{Labels, Network, NetworkKind, Policy};

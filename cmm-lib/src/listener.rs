@@ -27,6 +27,9 @@ use crate::driver::CmmSocket;
 use crate::frame::{Frame, FrameDecoder, SessionId};
 use crate::multisocket::MultiSocket;
 use crate::session::{Hello, network_from_info, read_hello};
+use crate::tls::PublicKey;
+use rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 /// How long a new connection may take to say HELLO.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +84,9 @@ impl Drop for HelloSlot {
     }
 }
 
-type Sessions = Arc<Mutex<HashMap<SessionId, Weak<CmmSocket>>>>;
+/// The sessions this listener serves, each with the key its first path presented (TLS):
+/// a later path must present the same one.
+type Sessions = Arc<Mutex<HashMap<SessionId, (Weak<CmmSocket>, Option<PublicKey>)>>>;
 
 /// Accepts multi-sockets.
 pub struct Listener {
@@ -105,10 +110,26 @@ impl Listener {
 
     /// Accepts multi-sockets on an already bound and listening socket.
     pub fn from_tcp(listener: TcpListener, connector: Connector) -> io::Result<Listener> {
+        Listener::start(listener, connector, None)
+    }
+
+    /// Listens on `addr` for multi-sockets whose every path is TLS 1.3 under `tls` (from
+    /// [`crate::tls::Identity::server_config`]: only the keys it allows get in, and every
+    /// path of a session must present the key its first path did).
+    pub async fn bind_tls(
+        addr: SocketAddr,
+        connector: Connector,
+        tls: Arc<ServerConfig>,
+    ) -> io::Result<Listener> {
+        let listener = TcpListener::bind(addr).await?;
+        Listener::start(listener, connector, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
+    fn start(listener: TcpListener, connector: Connector, tls: Option<TlsAcceptor>) -> io::Result<Listener> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(BACKLOG);
         let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
-        let task = tokio::spawn(accept_loop(listener, connector, sessions, tx));
+        let task = tokio::spawn(accept_loop(listener, connector, sessions, tx, tls));
         Ok(Listener { local, incoming: tokio::sync::Mutex::new(rx), task })
     }
 
@@ -134,6 +155,7 @@ async fn accept_loop(
     connector: Connector,
     sessions: Sessions,
     tx: mpsc::Sender<MultiSocket>,
+    tls: Option<TlsAcceptor>,
 ) {
     let mut backoff = Duration::from_millis(5);
     let awaiting = Arc::new(Mutex::new(AwaitingHello::default()));
@@ -158,30 +180,119 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (connector, sessions, tx) = (connector.clone(), sessions.clone(), tx.clone());
+        let (connector, sessions, tx, tls) = (connector.clone(), sessions.clone(), tx.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = attach(stream, peer, slot, connector, sessions, tx).await {
+            if let Err(e) = attach(stream, peer, slot, connector, sessions, tx, tls).await {
                 tracing::info!(%peer, "refused a path: {e}");
             }
         });
     }
 }
 
-/// Reads HELLO and hands the connection to its session; `slot` is its place among the
-/// connections waiting for HELLO, given back once HELLO is read.
+/// Reads HELLO (after the TLS handshake, on a TLS listener) and hands the connection to its
+/// session; `slot` is its place among the connections waiting for HELLO, given back once
+/// HELLO is read.
 async fn attach(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     slot: HelloSlot,
     connector: Connector,
     sessions: Sessions,
     tx: mpsc::Sender<MultiSocket>,
+    tls: Option<TlsAcceptor>,
 ) -> io::Result<()> {
     let mut decoder = FrameDecoder::new();
+    let (stream, conn, hello, key) = match tls {
+        None => {
+            let mut stream = stream;
+            let hello = read_hello_within(&mut stream, &mut decoder).await?;
+            (stream, None, hello, None)
+        }
+        Some(acceptor) => {
+            let mut tls = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time"))?
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+            let key = crate::tls::peer_key(tls.get_ref().1.peer_certificates());
+            let hello = read_hello_within(&mut tls, &mut decoder).await?;
+            let (stream, conn) = tls.into_inner();
+            (stream, Some(rustls::Connection::Server(conn)), hello, key)
+        }
+    };
+    drop(slot);
+    let Hello { session: id, path, join, network: info } = hello;
+    let rest = decoder.take_buffered();
+    let network = network_from_info(&info, path);
+    let known = {
+        let map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&id).and_then(|(w, k)| Some((w.upgrade()?, *k)))
+    };
+    let refusal = match &known {
+        None if join => Some((
+            // The peer's session worked before, with a process that is gone: starting it
+            // afresh would lose whatever that one had received. Say so, so the peer fails
+            // at once.
+            "unknown session",
+            io::Error::new(io::ErrorKind::NotFound, "a path joins a session this listener does not know"),
+        )),
+        Some((_, first)) if *first != key => Some((
+            "not this session's key",
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a path presents another key than its session's first path",
+            ),
+        )),
+        _ => None,
+    };
+    if let Some((reason, e)) = refusal {
+        let mut out = bytes::BytesMut::new();
+        Frame::Close { code: 1, reason: reason.into() }.encode(&mut out);
+        let mut stream = stream;
+        match conn {
+            None => {
+                let _ = tokio::time::timeout(HELLO_TIMEOUT, stream.write_all(&out)).await;
+            }
+            Some(mut c) => {
+                use std::io::Write as _;
+                let mut cipher = Vec::new();
+                let _ = c.writer().write_all(&out);
+                while c.wants_write() && c.write_tls(&mut cipher).is_ok() {}
+                let _ = tokio::time::timeout(HELLO_TIMEOUT, stream.write_all(&cipher)).await;
+            }
+        }
+        return Err(e);
+    }
+    let (sock, new) = {
+        let mut map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&id).and_then(|(w, _)| w.upgrade()) {
+            Some(s) => (s, false),
+            None => {
+                map.retain(|_, (w, _)| w.strong_count() > 0);
+                let s = CmmSocket::accepting(connector, id, peer, key);
+                map.insert(id, (Arc::downgrade(&s), key));
+                (s, true)
+            }
+        }
+    };
+    tracing::debug!(%peer, path, network = %info.name, new, "path accepted");
+    if !sock.add_accepted_path(path, network, stream, conn, rest) {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("path {path} already open")));
+    }
+    if new {
+        tx.send(MultiSocket::from_cmm(sock)).await.map_err(|_| io::Error::other("the listener is gone"))?;
+    }
+    Ok(())
+}
+
+/// Reads from `stream` until `decoder` holds HELLO, within the HELLO timeout.
+async fn read_hello_within(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    decoder: &mut FrameDecoder,
+) -> io::Result<Hello> {
     let mut buf = vec![0u8; 4096];
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+    tokio::time::timeout(HELLO_TIMEOUT, async {
         loop {
-            match read_hello(&mut decoder) {
+            match read_hello(decoder) {
                 Ok(Some(h)) => return Ok(h),
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
@@ -194,46 +305,7 @@ async fn attach(
         }
     })
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time"))??;
-    drop(slot);
-    let Hello { session: id, path, join, network: info } = hello;
-    let rest = decoder.take_buffered();
-    let network = network_from_info(&info, path);
-    let known = {
-        let map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&id).and_then(Weak::upgrade)
-    };
-    if known.is_none() && join {
-        // The peer's session worked before, with a process that is gone: starting it afresh
-        // would lose whatever that one had received. Say so, so the peer fails at once.
-        let mut out = bytes::BytesMut::new();
-        Frame::Close { code: 1, reason: "unknown session".into() }.encode(&mut out);
-        let _ = tokio::time::timeout(HELLO_TIMEOUT, stream.write_all(&out)).await;
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "a path joins a session this listener does not know",
-        ));
-    }
-    let (sock, new) = {
-        let mut map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        match map.get(&id).and_then(Weak::upgrade) {
-            Some(s) => (s, false),
-            None => {
-                map.retain(|_, w| w.strong_count() > 0);
-                let s = CmmSocket::accepting(connector, id, peer);
-                map.insert(id, Arc::downgrade(&s));
-                (s, true)
-            }
-        }
-    };
-    tracing::debug!(%peer, path, network = %info.name, new, "path accepted");
-    if !sock.add_accepted_path(path, network, stream, rest) {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("path {path} already open")));
-    }
-    if new {
-        tx.send(MultiSocket::from_cmm(sock)).await.map_err(|_| io::Error::other("the listener is gone"))?;
-    }
-    Ok(())
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time"))?
 }
 
 #[cfg(test)]

@@ -150,11 +150,44 @@ impl MultiSocket {
         initial_labels: Labels,
         callbacks: Callbacks,
     ) -> io::Result<MultiSocket> {
+        MultiSocket::connect_with(connector, remote, initial_labels, callbacks, None).await
+    }
+
+    /// [`MultiSocket::connect`] with every path in TLS 1.3 under `tls` (from
+    /// [`crate::tls::Identity::client_config`]: the peer must present its pinned key, and this
+    /// side presents its own). The peer listens with [`Listener::bind_tls`].
+    ///
+    /// [`Listener::bind_tls`]: crate::Listener::bind_tls
+    pub async fn connect_tls(
+        connector: &Connector,
+        remote: impl ToSocketAddrs,
+        initial_labels: Labels,
+        callbacks: Callbacks,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> io::Result<MultiSocket> {
+        MultiSocket::connect_with(connector, remote, initial_labels, callbacks, Some(tls)).await
+    }
+
+    /// The key the peer presented, for a multi-socket a TLS listener accepted.
+    pub fn peer_key(&self) -> Option<crate::tls::PublicKey> {
+        match self.mode() {
+            Mode::Cmm(s) => s.peer_key,
+            _ => None,
+        }
+    }
+
+    async fn connect_with(
+        connector: &Connector,
+        remote: impl ToSocketAddrs,
+        initial_labels: Labels,
+        callbacks: Callbacks,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> io::Result<MultiSocket> {
         let remotes: Vec<SocketAddr> = remote.to_socket_addrs()?.collect();
         if remotes.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to"));
         }
-        let sock = CmmSocket::connecting(connector.clone(), remotes, callbacks)?;
+        let sock = CmmSocket::connecting(connector.clone(), remotes, callbacks, tls)?;
         let ms = MultiSocket::from_cmm(sock.clone());
         let wait = connector.policy().max_wait(initial_labels).max(connector.connect_timeout() * 2);
         let deadline = tokio::time::Instant::now() + wait;
