@@ -23,6 +23,7 @@
 //! - [`trickle`]: [`Trickler`], background traffic paced while foreground traffic is active on
 //!   a network, and the queueing delays that choices by latency take into account.
 //!
+//! - [`relay`]: what a proxy asks a relay at the start of each stream, and the answer.
 //! - [`tls`]: TLS 1.3 for a multi-socket's paths ([`MultiSocket::connect_tls`],
 //!   [`Listener::bind_tls`]), both ends authenticated by pinned Ed25519 keys.
 //! - [`ffi`]: the C ABI of `include/libcmm.h` (`libcmm.so`, `libcmm.a`).
@@ -41,6 +42,7 @@ pub mod net;
 pub mod path_manager;
 pub mod plain;
 mod recycle;
+pub mod relay;
 pub mod session;
 pub mod stream;
 pub mod target;
