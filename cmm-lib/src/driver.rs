@@ -269,6 +269,7 @@ impl CmmSocket {
         id: SessionId,
         peer: SocketAddr,
         peer_key: Option<PublicKey>,
+        join_secret: Option<[u8; 32]>,
     ) -> Arc<CmmSocket> {
         let mut sock = CmmSocket::new(
             Role::Accepting,
@@ -281,6 +282,9 @@ impl CmmSocket {
         );
         if let Some(s) = Arc::get_mut(&mut sock) {
             s.peer_key = peer_key;
+        }
+        if let Some(secret) = join_secret {
+            sock.lock().session.set_join_secret(secret);
         }
         let timer = sock.runtime.spawn(timer_loop(sock.clone()));
         sock.lock().background = vec![timer.abort_handle()];
@@ -425,7 +429,7 @@ impl CmmSocket {
         tls: Option<rustls::Connection>,
         initial: BytesMut,
         key: Option<PathKey>,
-        register: impl FnOnce(&mut State) -> bool,
+        register: impl FnOnce(&mut State, Option<&rustls::Connection>) -> bool,
     ) -> bool {
         let _ = stream.set_nodelay(true);
         let _ = net::keepalive(&stream);
@@ -439,7 +443,11 @@ impl CmmSocket {
             Arc::new(Mutex::new(c))
         });
         self.mutate(|st| {
-            if st.closing || !register(st) {
+            let registered = !st.closing && {
+                let conn = tls.as_ref().map(lock_tls);
+                register(st, conn.as_deref())
+            };
+            if !registered {
                 if let Some(k) = &key {
                     st.manager.dial_abandoned(k);
                 }
@@ -499,7 +507,7 @@ impl CmmSocket {
         tls: Option<rustls::Connection>,
         rest: BytesMut,
     ) -> bool {
-        self.start_path(id, stream, tls, rest, None, |st| {
+        self.start_path(id, stream, tls, rest, None, |st, _| {
             if st.session.path_ids().contains(&id) {
                 return false;
             }
@@ -683,8 +691,16 @@ async fn dial(sock: Arc<CmmSocket>, network: Network, remote: SocketAddr, settle
                 id
             };
             let n = network.clone();
-            let started = sock.start_path(id, stream, tls, BytesMut::new(), Some(key), move |st| {
-                st.session.add_path(id, n, Instant::now());
+            let started = sock.start_path(id, stream, tls, BytesMut::new(), Some(key), move |st, tls| {
+                // A TLS path that joins proves it knows the session's secret, bound to its own
+                // TLS session.
+                let proof = match (tls, st.session.join_secret()) {
+                    (Some(c), Some(secret)) if st.session.ever_established() => {
+                        crate::tls::join_proof(c, &secret, &st.session.id().0).unwrap_or([0; 32])
+                    }
+                    _ => [0; 32],
+                };
+                st.session.add_path_with_proof(id, n, Instant::now(), proof);
                 true
             });
             if !started {

@@ -14,7 +14,13 @@ use cmm_policy::{Labels, NetworkKind};
 use crate::recycle::Recycler;
 
 /// Protocol version spoken by this implementation.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+/// CLOSE code: the accepting side does not know the session a path joins (it lost its state);
+/// the connecting side's session ends.
+pub const CLOSE_UNKNOWN_SESSION: u8 = 1;
+/// CLOSE code: this one path is refused (a TLS join without a valid proof, or a second first
+/// path of a TLS session); the session goes on, and the path may be dialled again as a join.
+pub const CLOSE_PATH_REFUSED: u8 = 2;
 /// Bytes of the frame header.
 pub const HEADER: usize = 5;
 /// DATA's fixed fields: sequence number, stream, offset, labels, flags.
@@ -85,6 +91,10 @@ pub enum Frame {
         /// does not know it refuses the path rather than start the session afresh: it lost
         /// the session's state, and bytes with it).
         join: bool,
+        /// On a TLS path that joins: a MAC with the session's join secret over this path's
+        /// TLS exporter (see `PROTOCOL.md`), so that the session id alone never lets a path
+        /// in; zeros otherwise. (Version 3.)
+        proof: [u8; 32],
         /// The connecting side's network for this path.
         network: NetworkInfo,
     },
@@ -96,6 +106,9 @@ pub enum Frame {
         session: SessionId,
         /// The path.
         path: PathId,
+        /// The session's join secret, which later paths prove they know (TLS only; zeros
+        /// otherwise). (Version 3.)
+        secret: [u8; 32],
     },
     /// Bytes of one stream at an offset, with the labels the sender used; `fin` when the
     /// stream ends after them. `seq` places the frame in the session's sequence space, which
@@ -245,12 +258,15 @@ impl Frame {
         let start = out.len();
         out.put_bytes(0, HEADER);
         let code = match self {
-            Frame::Hello { version, session, path, join, network } => {
+            Frame::Hello { version, session, path, join, proof, network } => {
                 out.put_u16(*version);
                 out.put_slice(&session.0);
                 out.put_u32(*path);
                 if *version >= 2 {
                     out.put_u8(*join as u8);
+                }
+                if *version >= 3 {
+                    out.put_slice(proof);
                 }
                 out.put_u8(kind_code(network.kind));
                 out.put_u8(network.metered as u8);
@@ -262,10 +278,13 @@ impl Frame {
                 out.put_slice(name.as_bytes());
                 kind::HELLO
             }
-            Frame::Welcome { version, session, path } => {
+            Frame::Welcome { version, session, path, secret } => {
                 out.put_u16(*version);
                 out.put_slice(&session.0);
                 out.put_u32(*path);
+                if *version >= 3 {
+                    out.put_slice(secret);
+                }
                 kind::WELCOME
             }
             Frame::Data { seq, stream, offset, labels, fin, data } => {
@@ -385,6 +404,12 @@ impl Fields {
         self.p.try_get_u64().map_err(|_| FrameError::BadLength(self.frame, self.len))
     }
 
+    fn bytes32(&mut self) -> Result<[u8; 32], FrameError> {
+        let mut b = [0u8; 32];
+        self.p.try_copy_to_slice(&mut b).map_err(|_| self.short())?;
+        Ok(b)
+    }
+
     fn session(&mut self) -> Result<SessionId, FrameError> {
         let mut id = [0u8; 16];
         self.p.try_copy_to_slice(&mut id).map_err(|_| self.short())?;
@@ -424,6 +449,7 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
             // Version 1 had no join flag; it is still decoded, so that its sender is told
             // which version this side speaks.
             let join = if version >= 2 { f.flag("join flag")? } else { false };
+            let proof = if version >= 3 { f.bytes32()? } else { [0; 32] };
             let kind = code_kind(f.u8()?);
             let metered = f.flag("metered flag")?;
             let bandwidth_down = f.u64()?;
@@ -439,14 +465,16 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
                 session,
                 path,
                 join,
+                proof,
                 network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us },
             })
         }
         kind::WELCOME => {
             let mut f = fields("WELCOME");
             let (version, session, path) = (f.u16()?, f.session()?, f.u32()?);
+            let secret = if version >= 3 { f.bytes32()? } else { [0; 32] };
             f.exactly(0)?;
-            Ok(Frame::Welcome { version, session, path })
+            Ok(Frame::Welcome { version, session, path, secret })
         }
         kind::DATA => {
             need("DATA", len >= DATA_FIELDS && len - DATA_FIELDS <= MAX_CHUNK)?;
@@ -646,6 +674,7 @@ mod tests {
             session: SessionId([7; 16]),
             path: 3,
             join: true,
+            proof: [9; 32],
             network: NetworkInfo {
                 name: "wifi".into(),
                 kind: NetworkKind::Wifi,
@@ -655,7 +684,7 @@ mod tests {
                 rtt_us: 20_000,
             },
         });
-        roundtrip(Frame::Welcome { version: VERSION, session: SessionId([1; 16]), path: 9 });
+        roundtrip(Frame::Welcome { version: VERSION, session: SessionId([1; 16]), path: 9, secret: [4; 32] });
         roundtrip(Frame::Data {
             seq: 7,
             stream: 4,

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::connector::Connector;
 use crate::driver::CmmSocket;
-use crate::frame::{Frame, FrameDecoder, SessionId};
+use crate::frame::{self, Frame, FrameDecoder, SessionId};
 use crate::multisocket::MultiSocket;
 use crate::session::{Hello, network_from_info, read_hello};
 use crate::tls::PublicKey;
@@ -84,9 +84,16 @@ impl Drop for HelloSlot {
     }
 }
 
-/// The sessions this listener serves, each with the key its first path presented (TLS):
-/// a later path must present the same one.
-type Sessions = Arc<Mutex<HashMap<SessionId, (Weak<CmmSocket>, Option<PublicKey>)>>>;
+/// A session this listener serves.
+struct Entry {
+    sock: Weak<CmmSocket>,
+    /// The key its first path presented (TLS): a later path must present the same one.
+    key: Option<PublicKey>,
+    /// Its join secret (TLS): a later path must prove it knows it, bound to its own TLS.
+    secret: Option<[u8; 32]>,
+}
+
+type Sessions = Arc<Mutex<HashMap<SessionId, Entry>>>;
 
 /// Accepts multi-sockets.
 pub struct Listener {
@@ -220,33 +227,48 @@ async fn attach(
         }
     };
     drop(slot);
-    let Hello { session: id, path, join, network: info } = hello;
+    let Hello { session: id, path, join, proof, network: info } = hello;
     let rest = decoder.take_buffered();
     let network = network_from_info(&info, path);
     let known = {
         let map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&id).and_then(|(w, k)| Some((w.upgrade()?, *k)))
+        map.get(&id).and_then(|e| Some((e.sock.upgrade()?, e.key, e.secret)))
     };
-    let refusal = match &known {
-        None if join => Some((
+    let denied = |why: &str| io::Error::new(io::ErrorKind::PermissionDenied, why.to_string());
+    let refusal = match (&known, &conn) {
+        (None, _) if join => Some((
             // The peer's session worked before, with a process that is gone: starting it
             // afresh would lose whatever that one had received. Say so, so the peer fails
             // at once.
+            frame::CLOSE_UNKNOWN_SESSION,
             "unknown session",
             io::Error::new(io::ErrorKind::NotFound, "a path joins a session this listener does not know"),
         )),
-        Some((_, first)) if *first != key => Some((
+        (Some((_, first, _)), _) if *first != key => Some((
+            frame::CLOSE_PATH_REFUSED,
             "not this session's key",
-            io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "a path presents another key than its session's first path",
-            ),
+            denied("a path presents another key than its session's first path"),
         )),
+        // TLS: a session id alone never lets a path in.
+        (Some(_), Some(_)) if !join => Some((
+            frame::CLOSE_PATH_REFUSED,
+            "the session exists: join with a proof",
+            denied("a path names an existing session without a join proof"),
+        )),
+        (Some((_, _, secret)), Some(c))
+            if !secret.is_some_and(|s| crate::tls::check_join_proof(c, &s, &id.0, &proof)) =>
+        {
+            Some((
+                frame::CLOSE_PATH_REFUSED,
+                "bad join proof",
+                denied("a join proof that does not match this path's TLS session (forged or replayed)"),
+            ))
+        }
         _ => None,
     };
-    if let Some((reason, e)) = refusal {
+    if let Some((code, reason, e)) = refusal {
         let mut out = bytes::BytesMut::new();
-        Frame::Close { code: 1, reason: reason.into() }.encode(&mut out);
+        Frame::Close { code, reason: reason.into() }.encode(&mut out);
         let mut stream = stream;
         match conn {
             None => {
@@ -262,14 +284,18 @@ async fn attach(
         }
         return Err(e);
     }
+    let secret = match &conn {
+        Some(_) => Some(crate::tls::random_secret().map_err(io::Error::other)?),
+        None => None,
+    };
     let (sock, new) = {
         let mut map = sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        match map.get(&id).and_then(|(w, _)| w.upgrade()) {
+        match map.get(&id).and_then(|e| e.sock.upgrade()) {
             Some(s) => (s, false),
             None => {
-                map.retain(|_, (w, _)| w.strong_count() > 0);
-                let s = CmmSocket::accepting(connector, id, peer, key);
-                map.insert(id, (Arc::downgrade(&s), key));
+                map.retain(|_, e| e.sock.strong_count() > 0);
+                let s = CmmSocket::accepting(connector, id, peer, key, secret);
+                map.insert(id, Entry { sock: Arc::downgrade(&s), key, secret });
                 (s, true)
             }
         }

@@ -191,6 +191,52 @@ impl Identity {
     }
 }
 
+/// The join proof of a TLS path: HMAC-SHA256 keyed with the session's join secret over 32
+/// bytes of the path's TLS exporter (label [`JOIN_EXPORTER_LABEL`], context the session id).
+/// It is bound to this one TLS session, so a proof seen on one connection is worth nothing on
+/// another, and it needs the secret, which only travelled inside the session's own TLS.
+pub fn join_proof(
+    conn: &rustls::Connection,
+    secret: &[u8; 32],
+    session: &[u8; 16],
+) -> Result<[u8; 32], Error> {
+    let exported = conn.export_keying_material([0u8; 32], JOIN_EXPORTER_LABEL, Some(session))?;
+    Ok(proof_over(&exported, secret))
+}
+
+/// The MAC of a join proof over `exported` (a path's 32 bytes of TLS exporter) with `secret`.
+pub fn proof_over(exported: &[u8; 32], secret: &[u8; 32]) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, exported);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Whether `proof` is this path's join proof for the session (compared in constant time).
+pub fn check_join_proof(
+    conn: &rustls::Connection,
+    secret: &[u8; 32],
+    session: &[u8; 16],
+    proof: &[u8; 32],
+) -> bool {
+    let Ok(exported) = conn.export_keying_material([0u8; 32], JOIN_EXPORTER_LABEL, Some(session)) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    ring::hmac::verify(&key, &exported, proof).is_ok()
+}
+
+/// A fresh random join secret.
+pub fn random_secret() -> Result<[u8; 32], KeyError> {
+    use ring::rand::SecureRandom;
+    let mut s = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut s)
+        .map_err(|_| KeyError::BadPrivateKey("the system's random source failed".into()))?;
+    Ok(s)
+}
+
 /// The name a connecting side gives; the peer is known by its key, not by a name.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("cmm-peer").expect("a valid DNS name")

@@ -186,6 +186,8 @@ pub struct Hello {
     /// Whether the session has worked before (a session the acceptor does not know must then
     /// be refused, not started afresh).
     pub join: bool,
+    /// Its join proof (TLS paths that join; zeros otherwise).
+    pub proof: [u8; 32],
     /// The connecting side's network for the path.
     pub network: NetworkInfo,
 }
@@ -228,6 +230,9 @@ pub struct Session {
     closed: Option<String>,
     /// Closed because the peer is gone (not by either side's close).
     aborted: bool,
+    /// The secret later paths of a TLS session prove they know: made by the accepting side,
+    /// told in WELCOME (see [`Session::join_secret`]).
+    join_secret: Option<[u8; 32]>,
     /// Whether a path ever completed its handshake (later paths join, rather than open).
     ever_established: bool,
     trickler: Arc<Trickler>,
@@ -265,8 +270,25 @@ impl Session {
             closed: None,
             aborted: false,
             ever_established: false,
+            join_secret: None,
             trickler: Arc::new(Trickler::new()),
         }
+    }
+
+    /// Sets the join secret the accepting side tells in WELCOME (a TLS listener's sessions).
+    pub fn set_join_secret(&mut self, secret: [u8; 32]) {
+        self.join_secret = Some(secret);
+    }
+
+    /// The session's join secret: on the connecting side, what WELCOME told (None before, and
+    /// for sessions without TLS).
+    pub fn join_secret(&self) -> Option<[u8; 32]> {
+        self.join_secret
+    }
+
+    /// Whether a path ever completed its handshake (a new path then joins).
+    pub fn ever_established(&self) -> bool {
+        self.ever_established
     }
 
     /// Paces background chunks with `trickler` (shared with the rest of the process, so
@@ -293,6 +315,12 @@ impl Session {
     /// once WELCOME comes back; on the accepting side (whose listener already read HELLO) it
     /// answers WELCOME and is usable at once.
     pub fn add_path(&mut self, id: PathId, network: Network, now: Instant) {
+        self.add_path_with_proof(id, network, now, [0; 32]);
+    }
+
+    /// [`Session::add_path`] for a path whose HELLO carries `proof` (a TLS path that joins:
+    /// see [`Session::join_secret`]).
+    pub fn add_path_with_proof(&mut self, id: PathId, network: Network, now: Instant, proof: [u8; 32]) {
         let established = self.role == Role::Accepting;
         let mut p = PathState::new(network, established, now);
         match self.role {
@@ -301,11 +329,14 @@ impl Session {
                 session: self.id,
                 path: id,
                 join: self.ever_established,
+                proof,
                 network: info_from_network(&p.network),
             }
             .encode(&mut p.control),
             Role::Accepting => {
-                Frame::Welcome { version: frame::VERSION, session: self.id, path: id }.encode(&mut p.control);
+                let secret = self.join_secret.unwrap_or([0; 32]);
+                Frame::Welcome { version: frame::VERSION, session: self.id, path: id, secret }
+                    .encode(&mut p.control);
                 // Tell the new path what we hold, so a peer retransmitting after a lost path
                 // is not left waiting.
                 p.ack_now = true;
@@ -853,9 +884,12 @@ impl Session {
         let established = p.established;
         match f {
             Frame::Hello { .. } => return Err(ProtocolError::HelloOnOpenPath.into()),
-            Frame::Welcome { version, session, path } => {
+            Frame::Welcome { version, session, path, secret } => {
                 if self.role != Role::Connecting || established {
                     return Err(ProtocolError::UnexpectedWelcome.into());
+                }
+                if secret != [0; 32] {
+                    self.join_secret = Some(secret);
                 }
                 if version != frame::VERSION || session != self.id || path != id {
                     return Err(ProtocolError::WelcomeMismatch { version, path }.into());
@@ -870,8 +904,15 @@ impl Session {
                 self.ever_established = true;
                 self.path_usable(id, network);
             }
+            Frame::Close { code: frame::CLOSE_PATH_REFUSED, reason }
+                if !established && self.role == Role::Connecting =>
+            {
+                // This path only (a TLS path that must join with a proof): it is dialled
+                // again, as a join once the session is established.
+                self.remove_path(id, &format!("the peer refused the path: {reason}"), now);
+            }
             Frame::Close { reason, .. } if !established && self.role == Role::Connecting => {
-                // The acceptor refused the path: it does not know this session any more (it
+                // The acceptor refused the session: it does not know it any more (it
                 // restarted, and what it had received is gone) or will not have it. No later
                 // path can fare better.
                 self.abort(&format!("the peer refused the session: {reason}"));
@@ -1263,11 +1304,11 @@ impl Session {
 pub fn read_hello(decoder: &mut FrameDecoder) -> Result<Option<Hello>, SessionError> {
     match decoder.next_frame()? {
         None => Ok(None),
-        Some(Frame::Hello { version, session, path, join, network }) => {
+        Some(Frame::Hello { version, session, path, join, proof, network }) => {
             if version != frame::VERSION {
                 return Err(ProtocolError::UnsupportedVersion { version }.into());
             }
-            Ok(Some(Hello { session, path, join, network }))
+            Ok(Some(Hello { session, path, join, proof, network }))
         }
         Some(other) => Err(ProtocolError::ExpectedHello { got: other.name() }.into()),
     }

@@ -731,13 +731,14 @@ fn bad_input_is_an_error_for_that_path_only() {
         session: SessionId([1; 16]),
         path: 5,
         join: false,
+        proof: [0; 32],
         network: info_from_network(&wifi()),
     }
     .encode(&mut out);
     assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
     // WELCOME to the accepting side.
     let mut out = BytesMut::new();
-    Frame::Welcome { version: 1, session: SessionId([1; 16]), path: 5 }.encode(&mut out);
+    Frame::Welcome { version: 1, session: SessionId([1; 16]), path: 5, secret: [0; 32] }.encode(&mut out);
     assert!(fresh.handle_input(5, &out, now).is_err());
     // A version we do not speak.
     let mut d = FrameDecoder::new();
@@ -747,6 +748,7 @@ fn bad_input_is_an_error_for_that_path_only() {
         session: SessionId([1; 16]),
         path: 5,
         join: false,
+        proof: [0; 32],
         network: info_from_network(&wifi()),
     }
     .encode(&mut out);
@@ -1656,4 +1658,26 @@ fn writers_blocked_on_the_session_are_woken_oldest_first_as_room_allows_and_none
     assert!(wakeups > 0);
     assert!(most_woken < 6, "one acknowledgement woke {most_woken} writers");
     sim.run_until(Duration::from_secs(30), |s| s.a.all_acked());
+}
+
+#[test]
+fn a_refused_path_ends_alone_and_an_unknown_session_ends_the_session() {
+    let now = Instant::now();
+    let close = |code: u8, reason: &str| {
+        let mut out = BytesMut::new();
+        Frame::Close { code, reason: reason.into() }.encode(&mut out);
+        out
+    };
+    let mut a = Session::new(Role::Connecting, SessionId([8; 16]), SessionConfig::default(), policy());
+    a.add_path(1, wifi(), now);
+    a.add_path(2, cell(), now);
+    // A TLS listener refuses a second first path (it must join with a proof): that path goes,
+    // the session stays, and path 1 may still be welcomed.
+    a.handle_input(2, &close(frame::CLOSE_PATH_REFUSED, "the session exists: join with a proof"), now)
+        .unwrap();
+    assert_eq!(a.path_ids(), vec![1]);
+    assert!(a.closed().is_none());
+    // A listener that does not know the session: it is over.
+    a.handle_input(1, &close(frame::CLOSE_UNKNOWN_SESSION, "unknown session"), now).unwrap();
+    assert!(a.closed().is_some_and(|r| r.contains("unknown session")));
 }
