@@ -17,6 +17,7 @@
 pub mod daemon;
 pub mod estimate;
 pub mod ipc;
+pub mod logging;
 pub mod monitor;
 pub mod netstate;
 pub mod probe;

@@ -1,7 +1,6 @@
 //! `cmm-scout`: the scout daemon, and tools to look at and steer the networks cmm sees.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -71,13 +70,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    cmm_scout::logging::init();
     let cli = Cli::parse();
     let config = match Config::discover(cli.config.as_deref()) {
         Ok(c) => c,
