@@ -168,6 +168,15 @@ impl MultiSocket {
         MultiSocket::connect_with(connector, remote, initial_labels, callbacks, Some(tls)).await
     }
 
+    /// Whether the session ended (closed by either side, or reset because the peer is gone);
+    /// a plain-mode socket never says so here.
+    pub fn is_closed(&self) -> bool {
+        match self.mode() {
+            Mode::Cmm(s) => s.lock().session.closed().is_some(),
+            _ => false,
+        }
+    }
+
     /// The key the peer presented, for a multi-socket a TLS listener accepted.
     pub fn peer_key(&self) -> Option<crate::tls::PublicKey> {
         match self.mode() {

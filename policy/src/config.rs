@@ -22,7 +22,7 @@ use crate::classify::{Classifier, NetworkDef};
 use crate::glob::Glob;
 use crate::labels::Labels;
 use crate::network::{Figures, NetworkKind, Trickle};
-use crate::rules::{PortRange, Rule, RuleSet};
+use crate::rules::{PortRange, Rule, RuleSet, Via};
 use crate::units::{ConfigDuration, ConfigRate, ConfigSize};
 
 /// Where [`Config::discover`] looks when neither a path nor `$CMM_CONFIG` is given.
@@ -45,8 +45,27 @@ pub struct Config {
     pub rules: RuleSet,
     /// Users allowed to authenticate; when there are any, authentication is required.
     pub users: Vec<User>,
+    /// `[relay]`: the relay connections may ride (none by default).
+    pub relay: Option<RelaySettings>,
     /// The file this came from (`None` for the built-in defaults).
     pub source: Option<PathBuf>,
+}
+
+/// `[relay]`: a cmm-relay that the proxy reaches over every network at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RelaySettings {
+    /// `host:port` of the relay.
+    pub address: String,
+    /// The relay's public key (one base64 line, from `cmm-relay keygen`): the only key the
+    /// proxy accepts from it.
+    pub public_key: String,
+    /// The proxy's own private key file (`cmm-relay keygen` writes one); relative to the
+    /// config file's folder.
+    pub key: PathBuf,
+    /// Where connections go when no rule says (`via` of a `[[rule]]`).
+    pub default_via: Via,
+    /// When no path reaches the relay for this long, new connections go direct.
+    pub fallback_after: Duration,
 }
 
 /// `[proxy]`: listeners and limits of cmm-proxy.
@@ -149,6 +168,7 @@ impl Default for Config {
             policy: Policy::default(),
             rules: RuleSet::default(),
             users: Vec::new(),
+            relay: None,
             source: None,
         }
     }
@@ -198,6 +218,13 @@ impl Config {
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config = Config::parse(&text, &path.display().to_string())?;
         config.source = Some(path.to_path_buf());
+        // A relative key file is next to the config, wherever the program runs from.
+        if let Some(relay) = &mut config.relay
+            && relay.key.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            relay.key = dir.join(&relay.key);
+        }
         Ok(config)
     }
 
@@ -308,6 +335,17 @@ struct Raw {
     rule: Vec<Spanned<RawRule>>,
     #[serde(default)]
     user: Vec<Spanned<RawUser>>,
+    relay: Option<RawRelay>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    address: Spanned<String>,
+    public_key: Spanned<String>,
+    key: Spanned<PathBuf>,
+    default_via: Option<Via>,
+    fallback_after: Option<ConfigDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -389,6 +427,7 @@ struct RawRule {
     #[serde(default)]
     user: OneOrMany<String>,
     labels: Labels,
+    via: Option<Spanned<Via>>,
 }
 
 #[derive(Deserialize)]
@@ -706,10 +745,17 @@ impl Raw {
             });
         }
 
+        config.relay = self.relay.map(|r| validate_relay(r, src)).transpose()?;
         for rule in self.rule {
             let line = src_line(src, rule.span().start);
             let r = rule.into_inner();
+            if let Some(v) = &r.via
+                && config.relay.is_none()
+            {
+                return Err(src.error(v.span(), format!("via = \"{}\" needs a [relay] section", v.get_ref())));
+            }
             config.rules.rules.push(Rule {
+                via: r.via.map(Spanned::into_inner),
                 hosts: r.host.0.iter().map(|h| h.trim_end_matches('.').to_ascii_lowercase()).collect(),
                 domains: r.domain.0.iter().map(|d| d.trim_matches('.').to_ascii_lowercase()).collect(),
                 globs: r.glob.0.iter().map(|g| Glob::new_case_insensitive(g)).collect(),
@@ -722,6 +768,36 @@ impl Raw {
         }
         Ok(config)
     }
+}
+
+/// `[relay]`: the address must be `host:port` and the key a relay public key.
+fn validate_relay(r: RawRelay, src: &Source<'_>) -> Result<RelaySettings, ConfigError> {
+    use base64::Engine;
+    let address = r.address.get_ref();
+    let port_ok = address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !port_ok {
+        return Err(src.error(r.address.span(), format!("{address:?} is not host:port")));
+    }
+    let key = r.public_key.get_ref().trim();
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key).ok();
+    if decoded.is_none_or(|k| k.len() != 32) {
+        return Err(src.error(
+            r.public_key.span(),
+            "not a relay public key (one base64 line of 32 bytes, as `cmm-relay keygen` prints)",
+        ));
+    }
+    if r.key.get_ref().as_os_str().is_empty() {
+        return Err(
+            src.error(r.key.span(), "the proxy's key file is missing (`cmm-relay keygen FILE` makes one)")
+        );
+    }
+    Ok(RelaySettings {
+        address: address.clone(),
+        public_key: key.to_string(),
+        key: r.key.into_inner(),
+        default_via: r.default_via.unwrap_or(Via::Relay),
+        fallback_after: r.fallback_after.map_or(Duration::from_secs(3), |d| d.0),
+    })
 }
 
 fn src_line(src: &Source<'_>, at: usize) -> usize {
@@ -833,6 +909,32 @@ labels = 0x10
         assert_eq!(e.line(), 2);
         assert!(e.to_string().contains("key `connect_timeout`"), "{e}");
 
+        let e = err("[[rule]]\nhost = \"a.test\"\nlabels = \"small\"\nvia = \"relay\"\n");
+        assert_eq!(e.line(), 4, "{e}");
+        assert!(e.to_string().contains("needs a [relay] section"), "{e}");
+        let relay =
+            "[relay]\naddress = \"relay.example:7443\"\npublic_key = \"{KEY}\"\nkey = \"proxy.key\"\n";
+        let good_key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let e = err(&relay.replace("{KEY}", "short"));
+        assert_eq!(e.line(), 3, "{e}");
+        assert!(
+            e.to_string().contains("public_key") && e.to_string().contains("not a relay public key"),
+            "{e}"
+        );
+        let e = err(&relay.replace("relay.example:7443", "relay.example").replace("{KEY}", good_key));
+        assert_eq!(e.line(), 2, "{e}");
+        assert!(e.to_string().contains("not host:port"), "{e}");
+        let c = Config::parse(
+            &format!(
+                "{}\n[[rule]]\nport = 22\nlabels = \"small\"\nvia = \"direct\"\n",
+                relay.replace("{KEY}", good_key)
+            ),
+            "t",
+        )
+        .unwrap();
+        let r = c.relay.unwrap();
+        assert_eq!((r.default_via, r.fallback_after), (Via::Relay, Duration::from_secs(3)));
+        assert_eq!(c.rules.rules[0].via, Some(Via::Direct));
         let e = err("[[rule]]\ncidr = \"10.0.0.0/33\"\nlabels = \"small\"\n");
         assert_eq!(e.line(), 2, "{e}");
         assert!(e.to_string().contains("CIDR"), "{e}");

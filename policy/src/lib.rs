@@ -26,8 +26,8 @@ pub mod units;
 
 pub use choose::{Decision, LabelPolicy, Metric, NetworkRef, NoMatch, Policy};
 pub use classify::{Classifier, NetworkDef};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, RelaySettings};
 pub use glob::Glob;
 pub use labels::{LabelError, Labels};
 pub use network::{Figures, Network, NetworkKind, Trickle};
-pub use rules::{Destination, PortRange, Rule, RuleSet};
+pub use rules::{Destination, PortRange, Rule, RuleSet, Via};

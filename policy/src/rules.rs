@@ -70,8 +70,30 @@ pub struct Rule {
     pub users: Vec<String>,
     /// The labels given to matching traffic.
     pub labels: Labels,
+    /// Whether matching traffic rides the relay or goes direct (`None`: the relay's
+    /// `default_via`).
+    pub via: Option<Via>,
     /// Line of the rule in the config, for logs (0 when built in code).
     pub line: usize,
+}
+
+/// How a connection reaches its destination when a relay is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// As a stream of the proxy's session with the relay: it survives the loss of a network.
+    Relay,
+    /// From this machine, through the chosen network.
+    Direct,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Relay => "relay",
+            Via::Direct => "direct",
+        })
+    }
 }
 
 /// Where a connection goes and who asked, as the rules see it.

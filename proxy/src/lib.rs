@@ -8,8 +8,10 @@
 //! - [`server`]: listeners (mixed SOCKS5/HTTP by first byte), connection limit, shutdown.
 //! - [`socks5`] and [`http`]: the two front ends (handshake, CONNECT, forwarding, replies).
 //! - [`auth`]: identity and labels from the proxy username.
-//! - [`upstream`]: the [`upstream::Upstream`] interface and today's direct implementation
-//!   (interface-bound sockets through `cmm::Connector`); a relay will implement it too.
+//! - [`upstream`]: the [`upstream::Upstream`] interface and the direct implementation
+//!   (interface-bound sockets through `cmm::Connector`).
+//! - [`relay`]: connections as streams of one session with a cmm-relay (`[relay]`), the rest
+//!   direct.
 //! - [`tunnel`]: holding bytes while deferred, then the byte path, closing when the network
 //!   goes down.
 //! - [`splice`]: the byte path itself (splice(2), half-close).
@@ -18,6 +20,7 @@
 pub mod auth;
 pub mod http;
 pub mod log;
+pub mod relay;
 pub mod server;
 pub mod socks5;
 pub mod splice;
@@ -44,7 +47,11 @@ impl Proxy {
     pub async fn new(config: Config, scout: Scout) -> io::Result<Proxy> {
         let config = Arc::new(config);
         let connector = Connector::new(scout, Arc::new(config.policy.clone()), config.proxy.connect_timeout);
-        let upstream = Arc::new(upstream::DirectUpstream::new(connector, Arc::new(config.rules.clone())));
+        let direct = upstream::DirectUpstream::new(connector.clone(), Arc::new(config.rules.clone()));
+        let upstream: Arc<dyn upstream::Upstream> = match &config.relay {
+            Some(settings) => Arc::new(relay::RelayUpstream::new(direct, connector, settings.clone())?),
+            None => Arc::new(direct),
+        };
         let listeners = server::bind(&config).await?;
         let ctx = Arc::new(server::Context {
             config,

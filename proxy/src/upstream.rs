@@ -18,7 +18,7 @@ use cmm::{ConnectError, Connected, Connector, Direction, Grant, Opening, Target}
 use socket2::SockRef;
 
 use crate::splice::Pace;
-use cmm_policy::{Destination, Labels, RuleSet};
+use cmm_policy::{Destination, Labels, RuleSet, Via};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -233,9 +233,12 @@ impl DirectUpstream {
 
     /// Labels for a request: the username's, else the first matching rule's, else the default.
     pub fn labels_for(&self, req: &UpstreamRequest, addrs: &[SocketAddr]) -> (Labels, LabelSource) {
-        if let Some(l) = req.labels {
-            return (l, LabelSource::Username);
-        }
+        let (labels, source, _) = self.decide(req, addrs);
+        (labels, source)
+    }
+
+    /// [`DirectUpstream::labels_for`], and the matching rule's `via` if it has one.
+    pub fn decide(&self, req: &UpstreamRequest, addrs: &[SocketAddr]) -> (Labels, LabelSource, Option<Via>) {
         let ips: Vec<IpAddr> = addrs.iter().map(SocketAddr::ip).collect();
         let dest = Destination {
             host: req.target.host_name(),
@@ -243,9 +246,14 @@ impl DirectUpstream {
             port: req.target.port,
             user: req.user.as_deref(),
         };
-        match self.rules.find(&dest) {
-            Some(rule) => (rule.labels, LabelSource::Rule(rule.line)),
-            None => (self.connector.policy().default_labels, LabelSource::Default),
+        let rule = self.rules.find(&dest);
+        let via = rule.and_then(|r| r.via);
+        if let Some(l) = req.labels {
+            return (l, LabelSource::Username, via);
+        }
+        match rule {
+            Some(rule) => (rule.labels, LabelSource::Rule(rule.line), via),
+            None => (self.connector.policy().default_labels, LabelSource::Default, via),
         }
     }
 }

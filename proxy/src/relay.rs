@@ -1,0 +1,254 @@
+//! [`RelayUpstream`]: connections that ride the relay (`[relay]` in `proxy.toml`).
+//!
+//! The proxy holds one multi-socket session with the relay, over every network at once, TLS
+//! on every path with the relay's key pinned. Each connection whose rule (or the relay's
+//! `default_via`) says `via = "relay"` becomes one stream of that session: the stream's labels
+//! choose its network, and when that network goes its bytes move to another with nothing lost.
+//! The relay dials the destination and answers how that went, which becomes the same SOCKS5
+//! reply or HTTP status a direct connect would give. A name is resolved by the relay, never
+//! here, so DNS does not depend on which of this machine's networks is up.
+//!
+//! Everything else goes direct ([`DirectUpstream`]): `via = "direct"`, destinations on this
+//! machine or a directly connected subnet (unless a rule says otherwise), and — so that a
+//! relay that cannot be reached never blocks new connections — every connection while no path
+//! to the relay comes up within `fallback_after` (3 s).
+//!
+//! In relay mode, a rule's `cidr` matches destinations given as addresses (names are not
+//! resolved here).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cmm::relay::{OpenReply, OpenRequest, OpenStatus};
+use cmm::tls::{Identity, PublicKey};
+use cmm::{Callbacks, ConnectError, Connector, Host, Labels, MultiSocket, Stream};
+use cmm_policy::{RelaySettings, Via};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::upstream::{
+    DirectUpstream, OpenError, OpenState, Opened, Upstream, UpstreamConn, UpstreamIo, UpstreamRequest,
+};
+
+/// Longest the relay's reply may take, beyond its own connect timeout.
+const REPLY_SLACK: Duration = Duration::from_secs(5);
+
+/// Sends connections over the relay, or direct (see the module).
+pub struct RelayUpstream {
+    direct: DirectUpstream,
+    connector: Connector,
+    settings: RelaySettings,
+    tls: Arc<rustls::ClientConfig>,
+    session: tokio::sync::Mutex<Option<MultiSocket>>,
+    reply_timeout: Duration,
+}
+
+impl RelayUpstream {
+    /// An upstream for `settings`, loading the proxy's key; `direct` serves everything that
+    /// does not ride the relay.
+    pub fn new(
+        direct: DirectUpstream,
+        connector: Connector,
+        settings: RelaySettings,
+    ) -> io::Result<RelayUpstream> {
+        let text = std::fs::read_to_string(&settings.key)
+            .map_err(|e| io::Error::new(e.kind(), format!("[relay] key {}: {e}", settings.key.display())))?;
+        let identity = Identity::from_text(&text).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("[relay] key {}: {e}", settings.key.display()))
+        })?;
+        let relay_key: PublicKey = settings
+            .public_key
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("[relay] public_key: {e}")))?;
+        let tls = identity.client_config(relay_key).map_err(io::Error::other)?;
+        let reply_timeout = connector.connect_timeout() * 2 + REPLY_SLACK;
+        Ok(RelayUpstream {
+            direct,
+            connector,
+            settings,
+            tls,
+            session: tokio::sync::Mutex::new(None),
+            reply_timeout,
+        })
+    }
+
+    /// The session with the relay, with a path up, within `fallback_after`; opened (again)
+    /// when there is none or it ended.
+    async fn session(&self) -> Result<MultiSocket, String> {
+        let wait = self.settings.fallback_after;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut held = self.session.lock().await;
+        let live = held.as_ref().filter(|s| !s.is_closed()).cloned();
+        let session = match live {
+            Some(s) => s,
+            None => {
+                let addrs: Vec<SocketAddr> =
+                    match tokio::time::timeout_at(deadline, tokio::net::lookup_host(&self.settings.address))
+                        .await
+                    {
+                        Ok(Ok(a)) => a.collect(),
+                        Ok(Err(e)) => return Err(format!("relay {}: {e}", self.settings.address)),
+                        Err(_) => {
+                            return Err(format!(
+                                "relay {}: no address within {wait:?}",
+                                self.settings.address
+                            ));
+                        }
+                    };
+                let connect = MultiSocket::connect_tls(
+                    &self.connector,
+                    &addrs[..],
+                    Labels::NONE,
+                    Callbacks::default(),
+                    self.tls.clone(),
+                );
+                let s = match tokio::time::timeout_at(deadline, connect).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(format!("relay {}: {e}", self.settings.address)),
+                    Err(_) => {
+                        return Err(format!("relay {}: no path within {wait:?}", self.settings.address));
+                    }
+                };
+                tracing::info!(relay = %self.settings.address, "session with the relay opened");
+                *held = Some(s.clone());
+                s
+            }
+        };
+        drop(held);
+        // A session whose every path is gone (this machine's networks, or the relay, are
+        // unreachable) waits for one; a new connection goes direct instead after the wait.
+        while !session.paths().iter().any(|p| p.established) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("no path to the relay {} within {wait:?}", self.settings.address));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(session)
+    }
+
+    /// Whether `req` rides the relay, and its labels.
+    fn route(&self, req: &UpstreamRequest) -> (Labels, crate::upstream::LabelSource, Via) {
+        let addrs: Vec<SocketAddr> = match &req.target.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, req.target.port)],
+            Host::Name(_) => Vec::new(),
+        };
+        let (labels, source, via) = self.direct.decide(req, &addrs);
+        let local = match &req.target.host {
+            Host::Name(n) => n == "localhost" || n.ends_with(".localhost"),
+            Host::Ip(_) => self.connector.is_local(&addrs),
+        };
+        let via = via.unwrap_or(if local { Via::Direct } else { self.settings.default_via });
+        (labels, source, via)
+    }
+
+    /// Opens a stream to `req`'s destination through `session`.
+    async fn open_relayed(
+        &self,
+        session: &MultiSocket,
+        req: &UpstreamRequest,
+        labels: Labels,
+    ) -> Result<UpstreamConn, ConnectError> {
+        let failed = |e: io::Error| connect_error(req, OpenStatus::Failed, &e.to_string());
+        let mut stream = session.open_stream(labels).map_err(failed)?;
+        let mut out = Vec::new();
+        OpenRequest { target: req.target.clone() }
+            .encode(&mut out)
+            .map_err(|e| connect_error(req, OpenStatus::Failed, &e.to_string()))?;
+        stream.write_all(&out).await.map_err(failed)?;
+        let reply = match tokio::time::timeout(self.reply_timeout, read_reply(&mut stream)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(_) => {
+                let _ = stream.reset(1);
+                return Err(connect_error(req, OpenStatus::TimedOut, "the relay did not answer in time"));
+            }
+        };
+        if reply.status != OpenStatus::Connected {
+            return Err(connect_error(req, reply.status, &reply.reason));
+        }
+        Ok(UpstreamConn {
+            io: UpstreamIo::Stream(Box::new(stream)),
+            network: Some("relay".into()),
+            local: Some(reply.bound),
+            // A stream outlives the loss of any one network: nothing to follow here.
+            lost: Box::pin(futures::future::pending()),
+            path: None,
+        })
+    }
+}
+
+/// Reads the relay's reply, a byte at a time so that nothing after it is taken.
+async fn read_reply(stream: &mut Stream) -> io::Result<OpenReply> {
+    let mut got = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    loop {
+        match OpenReply::decode(&got) {
+            Ok(Some((reply, _))) => return Ok(reply),
+            Ok(None) if got.len() > 512 => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "relay reply too long"));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("relay reply: {e}"))),
+        }
+        if stream.read(&mut byte).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the relay ended the stream before replying",
+            ));
+        }
+        got.push(byte[0]);
+    }
+}
+
+/// The error a direct connect would have given for what the relay answered.
+fn connect_error(req: &UpstreamRequest, status: OpenStatus, reason: &str) -> ConnectError {
+    let addr = match &req.target.host {
+        Host::Ip(ip) => SocketAddr::new(*ip, req.target.port),
+        Host::Name(_) => SocketAddr::from(([0, 0, 0, 0], req.target.port)),
+    };
+    let io_kind = match status {
+        OpenStatus::Refused => io::ErrorKind::ConnectionRefused,
+        OpenStatus::HostUnreachable => io::ErrorKind::HostUnreachable,
+        OpenStatus::NetworkUnreachable => io::ErrorKind::NetworkUnreachable,
+        OpenStatus::TimedOut => io::ErrorKind::TimedOut,
+        OpenStatus::NameNotResolved => {
+            return ConnectError::Resolve {
+                host: req.target.to_string(),
+                source: io::Error::new(io::ErrorKind::NotFound, format!("via the relay: {reason}")),
+            };
+        }
+        OpenStatus::NotAllowed => {
+            return ConnectError::Rejected { why: format!("the relay does not allow it: {reason}") };
+        }
+        _ => io::ErrorKind::Other,
+    };
+    ConnectError::Connect {
+        addr,
+        network: Some("relay".into()),
+        source: io::Error::new(io_kind, reason.to_string()),
+    }
+}
+
+impl Upstream for RelayUpstream {
+    fn open<'a>(&'a self, req: &'a UpstreamRequest) -> BoxFuture<'a, Result<Opened, OpenError>> {
+        Box::pin(async move {
+            let (labels, source, via) = self.route(req);
+            if via == Via::Direct {
+                return self.direct.open(req).await;
+            }
+            let session = match self.session().await {
+                Ok(s) => s,
+                Err(why) => {
+                    tracing::info!(target: "cmm_proxy::conn", dest = %req.target, "going direct: {why}");
+                    return self.direct.open(req).await;
+                }
+            };
+            match self.open_relayed(&session, req, labels).await {
+                Ok(conn) => Ok(Opened { labels, source, state: OpenState::Ready(conn) }),
+                Err(error) => Err(OpenError { labels: Some((labels, source)), error }),
+            }
+        })
+    }
+}

@@ -1,0 +1,154 @@
+//! The proxy with `[relay]`, on loopback: SOCKS5 clients whose connections ride a relay (two
+//! "networks" bound to `lo`), get the same replies as direct, and fall back to direct when the
+//! relay cannot be reached.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cmm::tls::Identity;
+use cmm::{Network, NetworkKind, Scout};
+use cmm_policy::Config;
+use cmm_proxy::Proxy;
+use cmm_relay::{Destinations, Relay, RelayConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn net(name: &str, kind: NetworkKind) -> Network {
+    let mut n = Network::new(name, "lo", kind);
+    n.addresses = vec!["127.0.0.1".parse().unwrap()];
+    n
+}
+
+/// A TCP server that answers "echo: " and what it read once the client half-closed.
+async fn echo_after_fin() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = s.write_all(b"echo: ").await;
+                let _ = s.write_all(&got).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A SOCKS5 CONNECT to `dest` through `proxy`: the reply code and, when 0, the stream.
+async fn socks_connect(proxy: SocketAddr, dest: SocketAddr) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let SocketAddr::V4(v4) = dest else { panic!("v4 only") };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&v4.ip().octets());
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 10];
+    tokio::time::timeout(WAIT, s.read_exact(&mut head)).await.unwrap().unwrap();
+    (head[1], s)
+}
+
+struct Setup {
+    proxy: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A relay that may connect only to `relay_port`, and a proxy whose loopback traffic rides it;
+/// `relay_addr` overrides the relay's address (to point at nothing).
+async fn setup(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>) -> Setup {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = std::env::temp_dir().join(format!("cmm-proxy-relay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (relay_id, proxy_id) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    std::fs::write(dir.join("proxy.key"), proxy_id.to_text()).unwrap();
+    let relay = Relay::bind(RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: relay_id.clone(),
+        allowed: vec![proxy_id.public_key()],
+        destinations: Destinations { nets: vec![], ports: vec![relay_port] },
+        connect_timeout: Duration::from_secs(5),
+        half_close_timeout: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    let address = relay_addr.unwrap_or(relay.local_addr());
+    tokio::spawn(relay.run());
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\n\n# Loopback would go direct: these ride the relay.\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"ondemand\"\nvia = \"relay\"\n",
+        relay_id.public_key()
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let scout = Scout::manual(vec![net("wifi", NetworkKind::Wifi), net("cell", NetworkKind::Cellular)]);
+    let proxy = Proxy::new(config, scout).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    tokio::spawn(proxy.serve(std::future::pending()));
+    Setup { proxy: addr, dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_connections_ride_the_relay_with_the_replies_of_direct_mode() {
+    let dest = echo_after_fin().await;
+    let s = setup("ride", dest.port(), None).await;
+    // Through the relay: a half-closed upload gets its whole answer.
+    let (code, mut c) = socks_connect(s.proxy, dest).await;
+    assert_eq!(code, 0);
+    let upload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    c.write_all(&upload).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer[..6], b"echo: ");
+    assert!(answer[6..] == upload[..], "the answer differs");
+    // The relay may not connect to another port: its refusal is the proxy's reply (a direct
+    // connect would have reached this echo server), so the connection did ride the relay.
+    let other = echo_after_fin().await;
+    let (code, _) = socks_connect(s.proxy, other).await;
+    assert_eq!(code, 2, "SOCKS5 'not allowed by ruleset'");
+    // A closed port (allowed by the relay): refused, as direct.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let s2 = setup("refused", closed.port(), None).await;
+    let (code, _) = socks_connect(s2.proxy, closed).await;
+    assert_eq!(code, 5, "SOCKS5 'connection refused'");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_relay_to_reach_new_connections_go_direct() {
+    let dest = echo_after_fin().await;
+    // Nothing listens where the relay should be.
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let s = setup("fallback", dest.port(), Some(nowhere)).await;
+    let start = std::time::Instant::now();
+    let (code, mut c) = socks_connect(s.proxy, dest).await;
+    assert_eq!(code, 0);
+    assert!(start.elapsed() < Duration::from_secs(10), "fell back after {:?}", start.elapsed());
+    c.write_all(b"direct").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(answer, b"echo: direct");
+}
