@@ -26,7 +26,7 @@ use crate::frame::StreamId;
 use crate::multisocket::{MultiSocket, recv_error, send_cmm, send_error};
 use crate::session::{RecvError, SendError};
 
-type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+type Wait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 /// One stream of a cmm-mode multi-socket.
 pub struct Stream {

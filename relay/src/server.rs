@@ -15,7 +15,7 @@ use std::time::Duration;
 use cmm::relay::{MAX_REQUEST, OpenReply, OpenRequest, OpenStatus};
 use cmm::tls::{Identity, PublicKey};
 use cmm::{Connector, Host, Listener, MultiSocket, Policy, Scout, Stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::bridge::{Report, bridge};
@@ -132,10 +132,14 @@ async fn read_request(stream: &mut Stream) -> Result<(OpenRequest, Vec<u8>), Str
             Ok(None) => {}
             Err(e) => return Err(format!("bad open request: {e}")),
         }
-        let n = stream.read(&mut chunk).await.map_err(|e| format!("reading the open request: {e}"))?;
+        let (n, labels) =
+            stream.recv(&mut chunk).await.map_err(|e| format!("reading the open request: {e}"))?;
         if n == 0 {
             return Err("the stream ended before its open request".into());
         }
+        // The answer travels with the labels the client's bytes came with: its chunks take
+        // the network those labels choose, as the client's own do.
+        stream.set_labels(labels);
         buf.extend_from_slice(&chunk[..n]);
     }
 }
