@@ -646,6 +646,11 @@ impl CmmSocket {
         st.readable_hook = Some(hook);
     }
 
+    /// Paths the session has now.
+    pub(crate) fn path_count(&self) -> usize {
+        self.lock().session.path_ids().len()
+    }
+
     /// The local address of the first path, if any.
     pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
         self.lock().paths.values().filter_map(|p| p.local).min()

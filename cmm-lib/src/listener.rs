@@ -7,7 +7,8 @@
 //! so the peer fails at once instead of losing what the old process had received. The
 //! accepting side never dials, so the peer may sit behind NAT.
 //!
-//! Connections still waiting for HELLO are bounded ([`MAX_AWAITING_HELLO`] in all,
+//! A session has at most [`MAX_PATHS_PER_SESSION`] paths at once. Connections still waiting
+//! for HELLO are bounded ([`MAX_AWAITING_HELLO`] in all,
 //! [`MAX_AWAITING_HELLO_PER_IP`] from one address): one that would pass a bound is closed at
 //! once, so silent connections cost a bounded number of tasks and sockets, and one source
 //! cannot take every slot from the others.
@@ -40,6 +41,9 @@ pub const MAX_AWAITING_HELLO: usize = 256;
 /// Most connections from one IP address waiting for HELLO at once (a multi-socket opens one
 /// path per network, so a real peer needs a few).
 pub const MAX_AWAITING_HELLO_PER_IP: usize = 16;
+/// Most paths one session may have at once (one per network and remote address: a real peer
+/// has a few); one more is refused with CLOSE code 2.
+pub const MAX_PATHS_PER_SESSION: usize = 16;
 
 /// The connections waiting for HELLO, in all and per source address.
 #[derive(Default)]
@@ -243,6 +247,11 @@ async fn attach(
             frame::CLOSE_UNKNOWN_SESSION,
             "unknown session",
             io::Error::new(io::ErrorKind::NotFound, "a path joins a session this listener does not know"),
+        )),
+        (Some((s, _, _)), _) if s.path_count() >= MAX_PATHS_PER_SESSION => Some((
+            frame::CLOSE_PATH_REFUSED,
+            "too many paths",
+            denied(&format!("the session has {MAX_PATHS_PER_SESSION} paths already")),
         )),
         (Some((_, first, _)), _) if *first != key => Some((
             frame::CLOSE_PATH_REFUSED,

@@ -214,4 +214,17 @@ async fn a_session_id_alone_or_a_replayed_proof_lets_no_path_join() {
     assert!(matches!(good.hello(session, 4, true, proof).await, Frame::Welcome { .. }));
     let mut replay = RawPath::open(addr, config.clone()).await;
     refused(&replay.hello(session, 5, true, proof).await, "bad join proof");
+
+    // Paths per session are bounded: two are open; fourteen more join, the next is refused.
+    let mut open = vec![first, good];
+    for path in 10..24u32 {
+        let mut p = RawPath::open(addr, config.clone()).await;
+        let proof = cmm::tls::proof_over(&p.exporter(&session), &secret);
+        let answer = p.hello(session, path, true, proof).await;
+        assert!(matches!(answer, Frame::Welcome { .. }), "path {path}: {answer:?}");
+        open.push(p);
+    }
+    let mut extra = RawPath::open(addr, config.clone()).await;
+    let proof = cmm::tls::proof_over(&extra.exporter(&session), &secret);
+    refused(&extra.hello(session, 99, true, proof).await, "too many paths");
 }
