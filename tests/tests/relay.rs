@@ -3,9 +3,91 @@
 //! the relay survives Wi-Fi going away mid-transfer — admin down, carrier loss, a silent
 //! blackhole — with every byte identical.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, Uplink, pattern, workspace_bin};
+
+const README: &str = include_str!("../../README.md");
+
+/// Asserts the README shows `command` verbatim, and returns it.
+fn readme(command: &str) -> &str {
+    assert!(README.contains(command), "the README no longer shows:\n  {command}");
+    command
+}
+
+/// `sh -c command` in namespace `ns` and folder `cwd`, with the workspace's binaries on PATH
+/// (as after `cargo install`); its stdout.
+fn sh(lab: &Lab, ns: &str, cwd: &Path, command: &str) -> String {
+    let bin_dir = workspace_bin("cmm-relay").parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out =
+        lab.command(ns, "sh").args(["-c", command]).current_dir(cwd).env("PATH", path).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{command}` failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_readme_relay_commands_run_as_written() {
+    let Some(lab) = Lab::new("the_readme_relay_commands_run_as_written") else { return };
+    let _servers = lab.start_servers();
+    let (server_dir, laptop_dir) = (lab.dir().join("server"), lab.dir().join("laptop"));
+    std::fs::create_dir_all(&server_dir).unwrap();
+    std::fs::create_dir_all(&laptop_dir).unwrap();
+    // On the server: a key, whose public half the user copies to the laptop.
+    let relay_public = sh(&lab, &lab.server(), &server_dir, readme("cmm-relay keygen relay.key"));
+    std::fs::write(laptop_dir.join("relay.pub"), format!("{relay_public}\n")).unwrap();
+    // On the laptop: its key (the public half goes to the server), the config, the proxy.
+    sh(&lab, &lab.client(), &laptop_dir, readme("cmm-relay keygen proxy.key > proxy.pub"));
+    std::fs::copy(laptop_dir.join("proxy.pub"), server_dir.join("proxy.pub")).unwrap();
+    let printf = readme(
+        r#"printf '[relay]\naddress = "relay.example.net:7443"\npublic_key = "%s"\nkey = "proxy.key"\n' "$(cat relay.pub)" > proxy.toml"#,
+    );
+    sh(&lab, &lab.client(), &laptop_dir, &printf.replace("relay.example.net", SERVER));
+    let serve = readme(r#"cmm-relay serve --listen 0.0.0.0:7443 --key relay.key --allow "$(cat proxy.pub)""#);
+    let bin_dir = workspace_bin("cmm-relay").parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = lab.command(&lab.server(), "sh");
+    cmd.args(["-c", &format!("exec {serve}")]).current_dir(&server_dir).env("PATH", &path);
+    let relay = lab.spawn_command(cmd);
+    relay.wait_for_line("relay serving", Duration::from_secs(20));
+    let mut cmd = lab.command(&lab.client(), "sh");
+    cmd.args(["-c", &format!("exec {}", readme("cmm-proxy --config proxy.toml"))])
+        .current_dir(&laptop_dir)
+        .env("PATH", &path);
+    let proxy = lab.spawn_command(cmd);
+    proxy.wait_for_line("listening on ", Duration::from_secs(20));
+    // `curl -x socks5h://background@127.0.0.1:1080 …` rides the relay.
+    readme("curl -x socks5h://background@127.0.0.1:1080 …");
+    let bytes = 1_000_000u64;
+    let out = lab.run(
+        &lab.client(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "60",
+            "-x",
+            "socks5h://background@127.0.0.1:1080",
+            &format!("http://{SERVER}:{HTTP_PORT}/bytes/{bytes}"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "curl: {}\nproxy:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.output()
+    );
+    assert_eq!(pattern::sha256_hex(&out.stdout), pattern::pattern_sha256(bytes));
+    let line = proxy.wait_for_line("outcome=", Duration::from_secs(10));
+    assert!(line.contains("network=relay") && line.contains("outcome=ok"), "{line}");
+    relay.wait_for_line("stream done", Duration::from_secs(10));
+}
 
 const RELAY_PORT: u16 = 7443;
 
