@@ -83,3 +83,29 @@ fn keygen_pubkey_and_serve_as_the_readme_shows() {
     assert!(line.contains(&public) && line.contains("clients=1"), "{line}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `docker/cmm-relay.service` passes `systemd-analyze verify`, with ExecStart pointed at the
+/// binary just built (the unit names /usr/local/bin, where an install puts it).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = include_str!("../../docker/cmm-relay.service");
+    let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        assert!(std::env::var_os("CI").is_none(), "systemd-analyze is missing (apt install systemd)");
+        eprintln!("SKIPPED: systemd-analyze is missing (apt install systemd)");
+        return;
+    }
+    assert!(unit.contains("ExecStart=/usr/local/bin/cmm-relay serve"));
+    let dir = std::env::temp_dir().join(format!("cmm-relay-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cmm-relay.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/cmm-relay", env!("CARGO_BIN_EXE_cmm-relay"))).unwrap();
+    let out = Command::new(analyze).arg("verify").arg(&path).output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
