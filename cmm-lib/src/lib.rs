@@ -36,6 +36,7 @@ pub mod connector;
 mod driver;
 pub mod ffi;
 pub mod frame;
+pub mod growbuf;
 pub mod listener;
 pub mod multisocket;
 pub mod net;

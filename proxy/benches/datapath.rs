@@ -18,12 +18,12 @@ use cmm_scout::Scout;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
     let secs = if quick { 1.0 } else { 4.0 };
 
     let source = start_source();
     let hello = start_hello();
     let mut servers: Vec<(String, SocketAddr)> = vec![("cmm-proxy".into(), start_proxy())];
-    let args: Vec<String> = std::env::args().collect();
     for (i, a) in args.iter().enumerate() {
         if a == "--compare"
             && let Some((name, addr)) = args.get(i + 1).and_then(|v| v.split_once('='))
@@ -35,6 +35,31 @@ fn main() {
     println!("SOCKS5 data path on loopback ({secs} s per figure)");
     let direct = throughput(|| TcpStream::connect(source).unwrap(), secs);
     println!("one stream, direct: {direct:.1} Gbit/s");
+    if args.iter().any(|a| a == "--relay") {
+        let via = start_relayed_proxy();
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        let t = throughput(|| socks_connect(via, source), secs);
+        let cpu = cpu_seconds() - cpu0;
+        let gbits = t * t0.elapsed().as_secs_f64();
+        println!(
+            "one stream, cmm-proxy -> cmm-relay (TLS 1.3, one session over two loopback paths): {t:.2} Gbit/s, \
+             {:.2} CPU-seconds per Gbit (client, proxy, relay and source together)",
+            cpu / gbits
+        );
+        let idle = 500;
+        let held = start_idle_sink();
+        let rss0 = rss_kib();
+        let conns: Vec<TcpStream> = (0..idle).map(|_| socks_connect(via, held)).collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let per = (rss_kib() - rss0) as f64 / idle as f64;
+        println!(
+            "{idle} idle relayed connections: {per:.1} KiB of memory each (proxy, relay, both sockets' \
+             user space and the client's and destination's sockets together)"
+        );
+        drop(conns);
+        return;
+    }
     for (name, addr) in &servers {
         let addr = *addr;
         let t = throughput(|| socks_connect(addr, source), secs);
@@ -175,4 +200,93 @@ fn conn_rate(workers: usize, secs: f64, one: impl Fn() + Send + Sync + Copy + 's
         h.join().unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / elapsed
+}
+
+/// A relay and a proxy whose loopback traffic rides it (each on its own 2-thread runtime, as
+/// two programs would be), the proxy's two "networks" both bound to `lo`.
+fn start_relayed_proxy() -> SocketAddr {
+    use cmm::tls::Identity;
+    use cmm::{Network, NetworkKind};
+    let (relay_id, proxy_id) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    let dir = std::env::temp_dir().join(format!("cmm-bench-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("proxy.key"), proxy_id.to_text()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (rid, allowed) = (relay_id.clone(), proxy_id.public_key());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let relay = cmm_relay::Relay::bind(cmm_relay::RelayConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                identity: rid,
+                allowed: vec![allowed],
+                destinations: cmm_relay::Destinations::default(),
+                connect_timeout: Duration::from_secs(5),
+                half_close_timeout: Duration::from_secs(600),
+            })
+            .await
+            .unwrap();
+            tx.send(relay.local_addr()).unwrap();
+            relay.run().await.unwrap();
+        })
+    });
+    let relay_addr = rx.recv().unwrap();
+    let text = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 100000\n\n[relay]\naddress = \"{relay_addr}\"\n\
+         public_key = \"{}\"\nkey = \"proxy.key\"\n\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"background\"\nvia = \"relay\"\n",
+        relay_id.public_key()
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let net = |name: &str, kind| {
+                let mut n = Network::new(name, "lo", kind);
+                n.addresses = vec!["127.0.0.1".parse().unwrap()];
+                n
+            };
+            let scout =
+                Scout::manual(vec![net("wifi", NetworkKind::Wifi), net("cell", NetworkKind::Cellular)]);
+            let proxy = Proxy::new(config, scout).await.unwrap();
+            tx.send(proxy.local_addrs()[0]).unwrap();
+            proxy.serve(std::future::pending()).await;
+        })
+    });
+    rx.recv().unwrap()
+}
+
+/// A server that accepts connections and keeps them, silent.
+fn start_idle_sink() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in l.incoming().flatten() {
+            kept.push(s);
+        }
+    });
+    addr
+}
+
+/// This process's CPU time (user + system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// This process's resident memory in KiB.
+fn rss_kib() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }

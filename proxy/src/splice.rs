@@ -210,7 +210,8 @@ pub async fn splice_bidirectional(
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }
 
-/// Copies from `src` to `dst` through one 64 KiB buffer until end of stream, then half-closes.
+/// Copies from `src` to `dst` through one buffer (4 KiB, growing to 64 KiB while reads fill
+/// it) until end of stream, then half-closes.
 async fn copy_one_way<R, W>(
     src: &mut R,
     dst: &mut W,
@@ -221,10 +222,10 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = cmm::growbuf::GrowBuf::new(64 * 1024);
     loop {
         let allowed = allowance(pace, buf.len()).await;
-        let read = src.read(&mut buf[..allowed]).await;
+        let read = src.read(&mut buf.space()[..allowed]).await;
         if let Some((p, dir)) = pace {
             p.moved(dir, allowed, *read.as_ref().unwrap_or(&0));
         }
@@ -233,7 +234,8 @@ where
             let _ = dst.shutdown().await;
             return Ok(());
         }
-        dst.write_all(&buf[..n]).await.map_err(End::Sink)?;
+        dst.write_all(buf.filled(n)).await.map_err(End::Sink)?;
+        buf.took(n);
         *moved += n as u64;
     }
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 /// The code a stream is reset with when its destination connection failed or was reset.
 pub const RESET_CODE: u32 = 1;
-/// Bytes copied at a time, each way.
+/// Most bytes copied at a time, each way (buffers start at 4 KiB and grow while full).
 const BUF: usize = 64 * 1024;
 
 /// How a relayed connection ended.
@@ -47,14 +47,15 @@ async fn pump(
     mut to: impl AsyncWrite + Unpin,
     moved: &std::sync::atomic::AtomicU64,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = cmm::growbuf::GrowBuf::new(BUF);
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(buf.space()).await?;
         if n == 0 {
             to.shutdown().await?;
             return Ok(());
         }
-        to.write_all(&buf[..n]).await?;
+        to.write_all(buf.filled(n)).await?;
+        buf.took(n);
         moved.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
