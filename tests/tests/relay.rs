@@ -168,10 +168,26 @@ fn a_download_through_the_relay_survives_wifi_going_away_mid_transfer() {
             assert!(curl.exited().is_none(), "{how:?}: curl ended early: {}", curl.output());
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The longest time the download stands still from the cut on (bytes go on over
+        // cellular while Wi-Fi is away): what a person would notice.
+        let size = || std::fs::metadata(&out).map_or(0, |m| m.len());
+        let (mut last, mut since, mut stall) = (size(), Instant::now(), Duration::ZERO);
+        let mut watch = |until: Instant| {
+            while Instant::now() < until && curl.exited().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+                let now = size();
+                if now != last {
+                    stall = stall.max(since.elapsed());
+                    (last, since) = (now, Instant::now());
+                }
+            }
+        };
         p.lab.cut(Uplink::Wifi, how);
-        std::thread::sleep(Duration::from_secs(3));
+        watch(Instant::now() + Duration::from_secs(3));
         assert!(curl.exited().is_none(), "{how:?}: curl ended while Wi-Fi was away: {}", curl.output());
         p.lab.restore(Uplink::Wifi, how);
+        watch(Instant::now() + Duration::from_secs(150));
+        eprintln!("{how:?}: longest stall {stall:?}");
         let status = curl.wait_exit(Duration::from_secs(150)).expect("curl finished");
         assert!(status.success(), "{how:?}: curl failed: {}\nproxy:\n{}", curl.output(), p.proxy.output());
         let body = std::fs::read(&out).unwrap();
