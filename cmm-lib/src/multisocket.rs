@@ -168,6 +168,16 @@ impl MultiSocket {
         MultiSocket::connect_with(connector, remote, initial_labels, callbacks, Some(tls)).await
     }
 
+    /// Ends the session at once, as if the peer were gone: every stream's reads and writes
+    /// fail with `ConnectionReset` and `reason`; nothing more is sent (no linger). For a
+    /// session whose paths have all been gone too long to wait for.
+    pub fn abort(&self, reason: &str) {
+        if let Mode::Cmm(s) = self.mode() {
+            s.mutate(|st| st.session.abort(reason));
+            s.abort_all();
+        }
+    }
+
     /// Whether the session ended (closed by either side, or reset because the peer is gone);
     /// a plain-mode socket never says so here.
     pub fn is_closed(&self) -> bool {

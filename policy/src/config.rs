@@ -66,6 +66,9 @@ pub struct RelaySettings {
     pub default_via: Via,
     /// When no path reaches the relay for this long, new connections go direct.
     pub fallback_after: Duration,
+    /// When no path has reached the relay for this long, the session's live connections are
+    /// reset (until then they wait for a network, nothing lost).
+    pub grace: Duration,
 }
 
 /// `[proxy]`: listeners and limits of cmm-proxy.
@@ -346,6 +349,7 @@ struct RawRelay {
     key: Spanned<PathBuf>,
     default_via: Option<Via>,
     fallback_after: Option<ConfigDuration>,
+    grace: Option<ConfigDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -797,6 +801,7 @@ fn validate_relay(r: RawRelay, src: &Source<'_>) -> Result<RelaySettings, Config
         key: r.key.into_inner(),
         default_via: r.default_via.unwrap_or(Via::Relay),
         fallback_after: r.fallback_after.map_or(Duration::from_secs(3), |d| d.0),
+        grace: r.grace.map_or(Duration::from_secs(60), |d| d.0),
     })
 }
 
@@ -933,7 +938,10 @@ labels = 0x10
         )
         .unwrap();
         let r = c.relay.unwrap();
-        assert_eq!((r.default_via, r.fallback_after), (Via::Relay, Duration::from_secs(3)));
+        assert_eq!(
+            (r.default_via, r.fallback_after, r.grace),
+            (Via::Relay, Duration::from_secs(3), Duration::from_secs(60))
+        );
         assert_eq!(c.rules.rules[0].via, Some(Via::Direct));
         let e = err("[[rule]]\ncidr = \"10.0.0.0/33\"\nlabels = \"small\"\n");
         assert_eq!(e.line(), 2, "{e}");

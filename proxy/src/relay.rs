@@ -11,7 +11,8 @@
 //! Everything else goes direct ([`DirectUpstream`]): `via = "direct"`, destinations on this
 //! machine or a directly connected subnet (unless a rule says otherwise), and — so that a
 //! relay that cannot be reached never blocks new connections — every connection while no path
-//! to the relay comes up within `fallback_after` (3 s).
+//! to the relay comes up within `fallback_after` (3 s). Live connections wait for a path, with
+//! nothing lost, for `grace` (60 s); then the session ends and they are reset.
 //!
 //! In relay mode, a rule's `cidr` matches destinations given as addresses (names are not
 //! resolved here).
@@ -112,6 +113,7 @@ impl RelayUpstream {
                     }
                 };
                 tracing::info!(relay = %self.settings.address, "session with the relay opened");
+                tokio::spawn(watch_paths(s.clone(), self.settings.grace, self.settings.address.clone()));
                 *held = Some(s.clone());
                 s
             }
@@ -176,6 +178,27 @@ impl RelayUpstream {
             lost: Box::pin(futures::future::pending()),
             path: None,
         })
+    }
+}
+
+/// Ends `session` once it has had no path for `grace`: its connections have waited long
+/// enough for a network, and their clients are told (reset) rather than left hanging.
+async fn watch_paths(session: MultiSocket, grace: Duration, relay: String) {
+    let mut since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while !session.is_closed() {
+        tick.tick().await;
+        if session.paths().iter().any(|p| p.established) {
+            since = None;
+            continue;
+        }
+        let since = *since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= grace {
+            let why = format!("no path to the relay {relay} for {grace:?}");
+            tracing::info!("{why}: its connections are reset");
+            session.abort(&why);
+            return;
+        }
     }
 }
 

@@ -57,6 +57,7 @@ async fn socks_connect(proxy: SocketAddr, dest: SocketAddr) -> (u8, TcpStream) {
 
 struct Setup {
     proxy: SocketAddr,
+    scout: Scout,
     dir: std::path::PathBuf,
 }
 
@@ -91,17 +92,17 @@ async fn setup(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>) -> S
     let address = relay_addr.unwrap_or(relay.local_addr());
     tokio::spawn(relay.run());
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\n\n# Loopback would go direct: these ride the relay.\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"ondemand\"\nvia = \"relay\"\n",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\ngrace = \"1s\"\n\n# Loopback would go direct: these ride the relay.\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"ondemand\"\nvia = \"relay\"\n",
         relay_id.public_key()
     );
     let path = dir.join("proxy.toml");
     std::fs::write(&path, text).unwrap();
     let config = Config::load(&path).unwrap();
     let scout = Scout::manual(vec![net("wifi", NetworkKind::Wifi), net("cell", NetworkKind::Cellular)]);
-    let proxy = Proxy::new(config, scout).await.unwrap();
+    let proxy = Proxy::new(config, scout.clone()).await.unwrap();
     let addr = proxy.local_addrs()[0];
     tokio::spawn(proxy.serve(std::future::pending()));
-    Setup { proxy: addr, dir }
+    Setup { proxy: addr, scout, dir }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,4 +152,29 @@ async fn with_no_relay_to_reach_new_connections_go_direct() {
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await.unwrap().unwrap();
     assert_eq!(answer, b"echo: direct");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_connections_wait_out_the_grace_period_then_are_reset() {
+    // A destination that answers nothing and keeps the connection.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((c, _)) = l.accept().await {
+            kept.push(c);
+        }
+    });
+    let s = setup("grace", dest.port(), None).await;
+    let (code, mut c) = socks_connect(s.proxy, dest).await;
+    assert_eq!(code, 0);
+    // Every network goes: the session has no path; after the grace (1 s here) the client is
+    // told, instead of waiting for ever.
+    s.scout.set_override("wifi", Some(false));
+    s.scout.set_override("cell", Some(false));
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(WAIT, c.read(&mut buf)).await.expect("the client was never told");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(900), "reset before the grace: {:?}", t0.elapsed());
 }
