@@ -69,6 +69,9 @@ pub struct RelaySettings {
     /// When no path has reached the relay for this long, the session's live connections are
     /// reset (until then they wait for a network, nothing lost).
     pub grace: Duration,
+    /// `via` of `[label.…]` policies: traffic carrying all of a policy's labels goes this way
+    /// when no rule says (the first that applies).
+    pub by_label: Vec<(Labels, Via)>,
 }
 
 /// `[proxy]`: listeners and limits of cmm-proxy.
@@ -401,6 +404,7 @@ struct RawNetwork {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLabelPolicy {
+    via: Option<Spanned<Via>>,
     networks: Option<Vec<Spanned<String>>>,
     metered: Option<bool>,
     on_no_match: Option<RawNoMatch>,
@@ -698,6 +702,7 @@ impl Raw {
         config.policy.default_labels = self.default_labels.unwrap_or(Labels::ONDEMAND);
         config.policy.default_max_wait = config.defer.max_wait;
         let mut seen = HashSet::new();
+        let mut label_via: Vec<(Labels, Spanned<Via>)> = Vec::new();
         for (key, lp) in self.label.0 {
             let labels: Labels = if key.get_ref() == "default" {
                 Labels::NONE
@@ -736,6 +741,9 @@ impl Raw {
                     Some(out)
                 }
             };
+            if let Some(v) = lp.via {
+                label_via.push((labels, v));
+            }
             config.policy.label_policies.push(LabelPolicy {
                 labels,
                 networks,
@@ -750,6 +758,16 @@ impl Raw {
         }
 
         config.relay = self.relay.map(|r| validate_relay(r, src)).transpose()?;
+        for (labels, v) in label_via {
+            match &mut config.relay {
+                Some(relay) => relay.by_label.push((labels, v.into_inner())),
+                None => {
+                    return Err(
+                        src.error(v.span(), format!("via = \"{}\" needs a [relay] section", v.get_ref()))
+                    );
+                }
+            }
+        }
         for rule in self.rule {
             let line = src_line(src, rule.span().start);
             let r = rule.into_inner();
@@ -802,6 +820,7 @@ fn validate_relay(r: RawRelay, src: &Source<'_>) -> Result<RelaySettings, Config
         default_via: r.default_via.unwrap_or(Via::Relay),
         fallback_after: r.fallback_after.map_or(Duration::from_secs(3), |d| d.0),
         grace: r.grace.map_or(Duration::from_secs(60), |d| d.0),
+        by_label: Vec::new(),
     })
 }
 
@@ -943,6 +962,14 @@ labels = 0x10
             (Via::Relay, Duration::from_secs(3), Duration::from_secs(60))
         );
         assert_eq!(c.rules.rules[0].via, Some(Via::Direct));
+        let c = Config::parse(
+            &format!("[label.background]\nvia = \"direct\"\n\n{}", relay.replace("{KEY}", good_key)),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.relay.unwrap().by_label, vec![(Labels::BACKGROUND, Via::Direct)]);
+        let e = err("[label.background]\nvia = \"relay\"\n");
+        assert_eq!(e.line(), 2, "{e}");
         let e = err("[[rule]]\ncidr = \"10.0.0.0/33\"\nlabels = \"small\"\n");
         assert_eq!(e.line(), 2, "{e}");
         assert!(e.to_string().contains("CIDR"), "{e}");

@@ -141,7 +141,12 @@ impl RelayUpstream {
             Host::Name(n) => n == "localhost" || n.ends_with(".localhost"),
             Host::Ip(_) => self.connector.is_local(&addrs),
         };
-        let via = via.unwrap_or(if local { Via::Direct } else { self.settings.default_via });
+        // A rule's `via` first, then local destinations go direct, then the labels' policy,
+        // then the default.
+        let by_label = || self.settings.by_label.iter().find(|(l, _)| labels.contains(*l)).map(|(_, v)| *v);
+        let via = via.unwrap_or_else(|| {
+            if local { Via::Direct } else { by_label().unwrap_or(self.settings.default_via) }
+        });
         (labels, source, via)
     }
 

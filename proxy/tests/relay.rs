@@ -70,6 +70,13 @@ impl Drop for Setup {
 /// A relay that may connect only to `relay_port`, and a proxy whose loopback traffic rides it;
 /// `relay_addr` overrides the relay's address (to point at nothing).
 async fn setup(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>) -> Setup {
+    setup_with(name, relay_port, relay_addr, RIDE_LOOPBACK).await
+}
+
+/// Loopback would go direct: this rule makes it ride the relay.
+const RIDE_LOOPBACK: &str = "[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"ondemand\"\nvia = \"relay\"\n";
+
+async fn setup_with(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>, rules: &str) -> Setup {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -92,7 +99,7 @@ async fn setup(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>) -> S
     let address = relay_addr.unwrap_or(relay.local_addr());
     tokio::spawn(relay.run());
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\ngrace = \"1s\"\n\n# Loopback would go direct: these ride the relay.\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"ondemand\"\nvia = \"relay\"\n",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\ngrace = \"1s\"\n\n{rules}",
         relay_id.public_key()
     );
     let path = dir.join("proxy.toml");

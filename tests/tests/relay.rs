@@ -133,6 +133,9 @@ connect_timeout = "3s"
 address = "{listen}"
 public_key = "{relay_public}"
 key = "{proxy_key}"
+
+[label.small]
+via = "direct"
 "#
     );
     let path = lab.write_file("proxy.toml", &cmm_lab::config(&settings));
@@ -198,4 +201,22 @@ fn a_download_through_the_relay_survives_wifi_going_away_mid_transfer() {
     // Every connection rode the relay and ended well.
     let done = p.proxy.wait_for_lines("outcome=", 3, Duration::from_secs(10));
     assert!(done.iter().all(|l| l.contains("network=relay") && l.contains("outcome=ok")), "{done:?}");
+    // SMALL traffic goes direct by its label policy (`via = "direct"`): on cellular, the
+    // lowest RTT, from this machine.
+    let out = p.lab.run(
+        &p.lab.client(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "30",
+            "-x",
+            "socks5h://small@127.0.0.1:1080",
+            &format!("http://{SERVER}:{HTTP_PORT}/ip"),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.2.0.2", "SMALL did not go direct over cell");
+    let line = p.proxy.wait_for_lines("outcome=", 4, Duration::from_secs(10)).pop().unwrap();
+    assert!(line.contains("network=cell0"), "{line}");
 }
