@@ -178,6 +178,15 @@ impl MultiSocket {
         }
     }
 
+    /// Payload bytes this side sent twice, on a second network, because the first had lost a
+    /// path lately (selective redundancy for ONDEMAND traffic; 0 in plain mode).
+    pub fn redundant_bytes(&self) -> u64 {
+        match self.mode() {
+            Mode::Cmm(s) => s.lock().session.redundant_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Whether the session ended (closed by either side, or reset because the peer is gone);
     /// a plain-mode socket never says so here.
     pub fn is_closed(&self) -> bool {

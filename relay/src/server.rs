@@ -113,7 +113,7 @@ async fn serve_session(session: MultiSocket, cfg: Arc<RelayConfig>) {
                 tokio::spawn(async move { serve_stream(stream, &client, &cfg).await });
             }
             Err(e) => {
-                tracing::info!(%client, "session ended: {e}");
+                tracing::info!(%client, redundant_bytes = session.redundant_bytes(), "session ended: {e}");
                 return;
             }
         }

@@ -30,7 +30,7 @@
 //! [`timer`] (the named timers), [`error`] (what a peer or an application can get wrong). This
 //! module is the glue: which chunk goes on which path, acknowledgements, failover.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,11 @@ use path::{PathState, Sent};
 
 /// DATA frames received on a path before an acknowledgement goes out at once.
 const ACK_EVERY: u32 = 8;
+/// How long a network counts as unsure after it lost a path (libcmm's "flapped recently"):
+/// meanwhile ONDEMAND chunks sent on it also go out on a second network.
+pub const FLAP_MEMORY: Duration = Duration::from_secs(10);
+/// Networks whose losses are remembered at most (the peer names its networks).
+const MAX_REMEMBERED_LOSSES: usize = 64;
 
 /// The receive window every session starts with, before the peer's first ACK widens it.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
@@ -233,6 +238,10 @@ pub struct Session {
     /// The secret later paths of a TLS session prove they know: made by the accepting side,
     /// told in WELCOME (see [`Session::join_secret`]).
     join_secret: Option<[u8; 32]>,
+    /// When each network last lost a path (by name): selective redundancy.
+    lost_at: HashMap<String, Instant>,
+    /// Payload bytes sent a second time, on another network, for redundancy.
+    redundant_bytes: u64,
     /// Whether a path ever completed its handshake (later paths join, rather than open).
     ever_established: bool,
     trickler: Arc<Trickler>,
@@ -271,6 +280,8 @@ impl Session {
             aborted: false,
             ever_established: false,
             join_secret: None,
+            lost_at: HashMap::new(),
+            redundant_bytes: 0,
             trickler: Arc::new(Trickler::new()),
         }
     }
@@ -376,8 +387,14 @@ impl Session {
 
     /// Removes a path whose connection closed or failed (or whose network went down): its data
     /// goes to other paths at once, and the peer is told on another path.
-    pub fn remove_path(&mut self, id: PathId, reason: &str, _now: Instant) {
+    pub fn remove_path(&mut self, id: PathId, reason: &str, now: Instant) {
         let Some(mut p) = self.paths.remove(&id) else { return };
+        if self.closed.is_none() {
+            self.lost_at.retain(|_, t| now.saturating_duration_since(*t) < FLAP_MEMORY);
+            if self.lost_at.len() < MAX_REMEMBERED_LOSSES || self.lost_at.contains_key(&p.network.name) {
+                self.lost_at.insert(p.network.name.clone(), now);
+            }
+        }
         let chunks = p.take_chunks();
         let had_ack = p.ack_now || p.ack_due.is_some();
         for (_, other) in self.paths.iter_mut().filter(|(_, o)| o.established) {
@@ -1232,8 +1249,47 @@ impl Session {
             p.progress_at = now;
         }
         p.bytes_sent += payload.len() as u64;
+        // Selective redundancy (libcmm's "redundant when unsure"): an ONDEMAND chunk on a
+        // network that lost a path lately also goes out on a second network; the receiver keeps
+        // whichever copy comes first. Background traffic never pays for it.
+        let unsure = !c.redundant
+            && c.labels.contains(Labels::ONDEMAND)
+            && c.payload_len() > 0
+            && self
+                .lost_at
+                .get(&p.network.name)
+                .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_MEMORY);
+        let copy = unsure.then(|| Chunk { redundant: true, retransmit: true, ..c.clone() });
         p.inflight.insert(c.seq, Sent { chunk: c, at: now });
+        if let Some(copy) = copy
+            && let Some(q) = self.alternate_path(copy.labels, id)
+            && let Some(other) = self.paths.get_mut(&q)
+        {
+            self.redundant_bytes += copy.payload_len() as u64;
+            other.enqueue(copy);
+        }
         Some(Transmit { header, payload })
+    }
+
+    /// The best usable path for `labels` other than `not`, if the labels allow one.
+    fn alternate_path(&self, labels: Labels, not: PathId) -> Option<PathId> {
+        let usable: Vec<(PathId, Network)> = self
+            .paths
+            .iter()
+            .filter(|&(&id, p)| id != not && p.usable())
+            .map(|(&id, p)| (id, p.network.clone()))
+            .collect();
+        let networks: Vec<Network> = usable.iter().map(|(_, n)| n.clone()).collect();
+        match self.policy.choose(labels, &networks) {
+            Decision::Use { candidates, .. } => candidates.first().map(|&i| usable[i].0),
+            _ => None,
+        }
+    }
+
+    /// Payload bytes sent a second time on another network for redundancy (ONDEMAND chunks
+    /// on a network that lost a path in the last [`FLAP_MEMORY`]).
+    pub fn redundant_bytes(&self) -> u64 {
+        self.redundant_bytes
     }
 
     /// When [`Session::handle_timeout`] should run next: the earliest of every path's timers.

@@ -69,6 +69,8 @@ pub struct Chunk {
     pub body: Body,
     /// Whether it was sent before (its acknowledgement is then no RTT sample).
     pub retransmit: bool,
+    /// Whether this is the redundant copy of a chunk sent on another network too.
+    pub redundant: bool,
 }
 
 impl Chunk {
@@ -185,7 +187,7 @@ impl SendBuffer {
             Body::Reset { stream, .. } => (0, Some(*stream)),
             _ => (0, None),
         };
-        let chunk = Chunk { seq: self.next_seq, labels, body, retransmit: false };
+        let chunk = Chunk { seq: self.next_seq, labels, body, retransmit: false, redundant: false };
         self.next_seq = chunk.end();
         self.unacked.insert(chunk.seq, Owed { len: chunk.len(), bytes, ends });
         self.buffered += bytes;

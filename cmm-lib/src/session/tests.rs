@@ -1681,3 +1681,33 @@ fn a_refused_path_ends_alone_and_an_unknown_session_ends_the_session() {
     a.handle_input(1, &close(frame::CLOSE_UNKNOWN_SESSION, "unknown session"), now).unwrap();
     assert!(a.closed().is_some_and(|r| r.contains("unknown session")));
 }
+
+#[test]
+fn ondemand_chunks_on_a_network_that_flapped_lately_also_go_out_on_another() {
+    // ONDEMAND takes the lowest RTT: cell. Cell loses its path and comes back.
+    let mut sim = two_paths();
+    sim.a.remove_path(2, "flap", sim.now);
+    sim.kill(2);
+    sim.add_path(3, cell(), 10 * MS, 1_000_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2);
+    assert_eq!(sim.a.path_for(Labels::ONDEMAND), Some(3));
+    // While it is unsure, an ONDEMAND message goes on both networks, and arrives once.
+    let msg = payload(20_000, 4);
+    sim.send_all(&msg, Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(5), |s| s.got.len() == msg.len() && s.a.all_acked());
+    assert_eq!(sim.got, msg);
+    let copied = sim.a.redundant_bytes();
+    assert!(copied >= msg.len() as u64 / 2, "only {copied} bytes sent twice");
+    // Background traffic never pays for it.
+    let bulk = payload(50_000, 5);
+    sim.send_all(&bulk, Labels::BACKGROUND, Duration::from_secs(5));
+    sim.run_until(Duration::from_secs(10), |s| s.got.len() == msg.len() + bulk.len() && s.a.all_acked());
+    assert_eq!(sim.a.redundant_bytes(), copied);
+    // Once the network has been steady for FLAP_MEMORY, ONDEMAND goes on it alone again.
+    sim.run_for(FLAP_MEMORY);
+    let more = payload(20_000, 6);
+    sim.send_all(&more, Labels::ONDEMAND, Duration::from_secs(1));
+    sim.run_until(Duration::from_secs(5), |s| s.got.len() == msg.len() + bulk.len() + more.len());
+    assert_eq!(sim.a.redundant_bytes(), copied);
+    assert!(sim.got.ends_with(&more));
+}
