@@ -21,6 +21,7 @@
 pub mod delay;
 pub mod pattern;
 pub mod proc;
+pub mod relay;
 pub mod socks;
 
 use std::fs;

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cmm_lab::relay::RelayProxy;
 use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, Uplink, pattern, workspace_bin};
 
 const README: &str = include_str!("../../README.md");
@@ -89,8 +90,6 @@ fn the_readme_relay_commands_run_as_written() {
     relay.wait_for_line("stream done", Duration::from_secs(10));
 }
 
-const RELAY_PORT: u16 = 7443;
-
 struct RelayLab {
     lab: Lab,
     _servers: Proc,
@@ -98,49 +97,11 @@ struct RelayLab {
     proxy: Proc,
 }
 
-fn keygen(lab: &Lab, name: &str) -> (String, String) {
-    let path = lab.dir().join(name);
-    let out = lab.run(
-        &lab.server(),
-        workspace_bin("cmm-relay").to_str().unwrap(),
-        &["keygen", path.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
-    (path.to_str().unwrap().to_string(), String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 fn start(test: &str) -> Option<RelayLab> {
     let lab = Lab::new(test)?;
     let servers = lab.start_servers();
-    let (relay_key, relay_public) = keygen(&lab, "relay.key");
-    let (proxy_key, proxy_public) = keygen(&lab, "proxy.key");
-    let listen = format!("{SERVER}:{RELAY_PORT}");
-    let relay = lab.spawn(
-        &lab.server(),
-        workspace_bin("cmm-relay"),
-        &["serve", "--listen", &listen, "--key", &relay_key, "--allow", &proxy_public],
-    );
-    relay.wait_for_line("relay serving", Duration::from_secs(20));
-    let settings = format!(
-        r#"
-default_labels = "ondemand"
-
-[proxy]
-listen = ["127.0.0.1:1080"]
-connect_timeout = "3s"
-
-[relay]
-address = "{listen}"
-public_key = "{relay_public}"
-key = "{proxy_key}"
-
-[label.small]
-via = "direct"
-"#
-    );
-    let path = lab.write_file("proxy.toml", &cmm_lab::config(&settings));
-    let proxy = lab.spawn(&lab.client(), workspace_bin("cmm-proxy"), &["--config", path.to_str().unwrap()]);
-    proxy.wait_for_line("listening on ", Duration::from_secs(20));
+    let settings = "default_labels = \"ondemand\"\n\n[proxy]\nlisten = [\"127.0.0.1:1080\"]\nconnect_timeout = \"3s\"\n\n[label.small]\nvia = \"direct\"\n";
+    let RelayProxy { relay, proxy } = cmm_lab::relay::start(&lab, settings, "");
     Some(RelayLab { lab, _servers: servers, _relay: relay, proxy })
 }
 
