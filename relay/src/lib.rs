@@ -11,8 +11,10 @@
 //!   on, silent half-closed connections reaped.
 //! - [`rules`]: [`Destinations`], where the relay may connect.
 //! - [`keys`]: key files (`cmm-relay keygen`).
+//! - [`config`]: `serve --config FILE`, the flags' settings in TOML.
 
 pub mod bridge;
+pub mod config;
 pub mod keys;
 pub mod rules;
 pub mod server;

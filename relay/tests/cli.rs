@@ -81,6 +81,38 @@ fn keygen_pubkey_and_serve_as_the_readme_shows() {
     let _ = child.wait();
     let line = serving.expect("no 'relay serving' line");
     assert!(line.contains(&public) && line.contains("clients=1"), "{line}");
+
+    // The same from a config file (relative paths beside it); a bad key in it names its line.
+    std::fs::write(dir.join("allowed_keys"), format!("{proxy_public}\n")).unwrap();
+    let config = dir.join("relay.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nkey = \"relay.key\"\nallow_file = \"allowed_keys\"\n")
+        .unwrap();
+    let mut child = relay().args(["serve", "--config"]).arg(&config).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut serving = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+            && line.contains("relay serving")
+        {
+            serving = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving.expect("no 'relay serving' line from --config").contains("clients=1"));
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nkey = \"relay.key\"\nalow = []\n").unwrap();
+    let out = relay().args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 3") && err.contains("alow"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
