@@ -318,11 +318,13 @@ impl CmmSocket {
             match e {
                 Event::PathUp { path, network } => {
                     st.manager.path_established(path);
+                    // (Backoffs may have ended: let the manager look again.)
+                    self.manager.notify_one();
                     let labels = labels_served(&st.session, path, &network);
                     tracing::debug!(path, network = %network.name, %labels, "path up");
                     after.up.push(PathEvent { path, network, labels });
                 }
-                Event::PathDown { path, network, reason, sent, received } => {
+                Event::PathDown { path, network, reason, sent, received, rejoin } => {
                     tracing::debug!(path, network = %network.name, "path down: {reason}");
                     let e = st.ended.entry(network.name.clone()).or_default();
                     e.0 += sent;
@@ -334,7 +336,12 @@ impl CmmSocket {
                             t.abort();
                         }
                     }
-                    st.manager.path_ended(path, Outcome::Failed, Instant::now());
+                    if rejoin {
+                        st.manager.path_refused_before_join(path, Instant::now());
+                        self.manager.notify_one();
+                    } else {
+                        st.manager.path_ended(path, Outcome::Failed, Instant::now());
+                    }
                     let labels = kind_labels(&network);
                     after.down.push(PathEvent { path, network, labels });
                 }

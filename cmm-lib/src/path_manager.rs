@@ -176,10 +176,16 @@ impl PathManager {
     }
 
     /// Path `id` completed its handshake: the peer is there.
+    /// Path `id` completed its handshake. The session's first one also ends every backoff: a
+    /// path that ended before it (a TLS listener refuses a second first path, which must join
+    /// with a proof the first path's WELCOME makes possible) is dialled again at once.
     pub fn path_established(&mut self, id: PathId) {
         if let Some((net, _)) = self.open.get(&id) {
             self.refused.remove(net);
             self.established.insert(id);
+            if !self.ever_established {
+                self.backoff.clear();
+            }
             self.ever_established = true;
         }
     }
@@ -193,6 +199,20 @@ impl PathManager {
                 *self.refused.entry(key.0.clone()).or_default() += 1;
             }
             self.back_off(key, now);
+        }
+    }
+
+    /// Path `id` was refused because it came before the session could join (a TLS
+    /// listener's CLOSE code 2): once a path has been established it is dialled again at
+    /// once, as a join; before, it backs off until the first establishment ends the backoff.
+    pub fn path_refused_before_join(&mut self, id: PathId, now: Instant) {
+        self.established.remove(&id);
+        if let Some(key) = self.open.remove(&id) {
+            if self.ever_established {
+                self.backoff.remove(&key);
+            } else {
+                self.back_off(key, now);
+            }
         }
     }
 
@@ -305,6 +325,39 @@ mod tests {
         // Doubled.
         assert!(m.reconcile(&s, t0 + BACKOFF_MIN * 2).is_empty());
         assert_eq!(dials(&m.reconcile(&s, t0 + BACKOFF_MIN * 3)).len(), 1);
+    }
+
+    #[test]
+    fn the_first_established_path_ends_the_backoff_of_the_others() {
+        let remote: SocketAddr = REMOTE.parse().unwrap();
+        let (wifi, cell) = (("wifi/wifi0".to_string(), remote), ("cell/cell0".to_string(), remote));
+        let mut m = PathManager::new(vec![remote]);
+        let s = snap(vec![net("wifi", "wifi0", true), net("cell", "cell0", true)]);
+        let t0 = Instant::now();
+        assert_eq!(m.reconcile(&s, t0).len(), 2);
+        m.dial_connected(wifi, 1);
+        m.dial_connected(cell, 2);
+        // Cell's path is refused before wifi's is welcomed (it must join with a proof).
+        m.path_ended(2, Outcome::Failed, t0);
+        assert!(m.reconcile(&s, t0).is_empty(), "backing off");
+        m.path_established(1);
+        let again = dials(&m.reconcile(&s, t0));
+        assert!(again.len() == 1 && again[0].0 == "cell0", "{again:?}");
+        // Refused after the first path was welcomed: again at once.
+        m.dial_connected(("cell/cell0".to_string(), remote), 5);
+        m.path_refused_before_join(5, t0);
+        let again = dials(&m.reconcile(&s, t0));
+        assert!(again.len() == 1 && again[0].0 == "cell0", "{again:?}");
+        // Later establishments leave backoffs alone.
+        m.dial_connected(("cell/cell0".to_string(), remote), 3);
+        m.path_ended(3, Outcome::Failed, t0);
+        m.path_ended(1, Outcome::Failed, t0);
+        m.dial_connected(("wifi/wifi0".to_string(), remote), 4);
+        m.path_established(4);
+        assert!(
+            m.reconcile(&s, t0).iter().all(|a| !matches!(a, Action::Dial { .. })),
+            "cell still backs off"
+        );
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub enum Event {
         sent: u64,
         /// See `sent`.
         received: u64,
+        /// The peer refused this one path (CLOSE code 2) for an order of events that has
+        /// passed: dial it again at once, as a join.
+        rejoin: bool,
     },
     /// A path stopped acknowledging; its data was moved to others.
     PathTroubled {
@@ -388,6 +391,10 @@ impl Session {
     /// Removes a path whose connection closed or failed (or whose network went down): its data
     /// goes to other paths at once, and the peer is told on another path.
     pub fn remove_path(&mut self, id: PathId, reason: &str, now: Instant) {
+        self.remove_path_with(id, reason, now, false);
+    }
+
+    fn remove_path_with(&mut self, id: PathId, reason: &str, now: Instant, rejoin: bool) {
         let Some(mut p) = self.paths.remove(&id) else { return };
         if self.closed.is_none() {
             self.lost_at.retain(|_, t| now.saturating_duration_since(*t) < FLAP_MEMORY);
@@ -409,6 +416,7 @@ impl Session {
             reason: reason.to_string(),
             sent: p.bytes_sent,
             received: p.bytes_received,
+            rejoin,
         });
         self.reassign(chunks);
     }
@@ -926,7 +934,7 @@ impl Session {
             {
                 // This path only (a TLS path that must join with a proof): it is dialled
                 // again, as a join once the session is established.
-                self.remove_path(id, &format!("the peer refused the path: {reason}"), now);
+                self.remove_path_with(id, &format!("the peer refused the path: {reason}"), now, true);
             }
             Frame::Close { reason, .. } if !established && self.role == Role::Connecting => {
                 // The acceptor refused the session: it does not know it any more (it
