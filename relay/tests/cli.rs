@@ -10,6 +10,25 @@ fn relay() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cmm-relay"))
 }
 
+/// The "relay serving" line of a started `serve` (within 30 s), after which it is stopped.
+fn serving_line(child: &mut std::process::Child) -> Option<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut serving = None;
+    while serving.is_none() && start.elapsed() < Duration::from_secs(30) {
+        serving = rx.recv_timeout(Duration::from_millis(100)).ok().filter(|l| l.contains("relay serving"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    serving
+}
+
 #[test]
 fn keygen_pubkey_and_serve_as_the_readme_shows() {
     let dir = std::env::temp_dir().join(format!("cmm-relay-cli-{}", std::process::id()));
@@ -60,25 +79,7 @@ fn keygen_pubkey_and_serve_as_the_readme_shows() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let start = Instant::now();
-    let mut serving = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains("relay serving")
-        {
-            serving = Some(line);
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    let serving = serving_line(&mut child);
     let line = serving.expect("no 'relay serving' line");
     assert!(line.contains(&public) && line.contains("clients=1"), "{line}");
 
@@ -88,25 +89,7 @@ fn keygen_pubkey_and_serve_as_the_readme_shows() {
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nkey = \"relay.key\"\nallow_file = \"allowed_keys\"\n")
         .unwrap();
     let mut child = relay().args(["serve", "--config"]).arg(&config).stderr(Stdio::piped()).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let start = Instant::now();
-    let mut serving = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains("relay serving")
-        {
-            serving = Some(line);
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    let serving = serving_line(&mut child);
     assert!(serving.expect("no 'relay serving' line from --config").contains("clients=1"));
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nkey = \"relay.key\"\nalow = []\n").unwrap();
     let out = relay().args(["serve", "--config"]).arg(&config).output().unwrap();

@@ -17,11 +17,16 @@ fn readme(command: &str) -> &str {
     command
 }
 
+/// PATH with the workspace's binaries first (as after `cargo install`).
+fn path_env() -> String {
+    let bin_dir = workspace_bin("cmm-relay").parent().unwrap().to_path_buf();
+    format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default())
+}
+
 /// `sh -c command` in namespace `ns` and folder `cwd`, with the workspace's binaries on PATH
 /// (as after `cargo install`); its stdout.
 fn sh(lab: &Lab, ns: &str, cwd: &Path, command: &str) -> String {
-    let bin_dir = workspace_bin("cmm-relay").parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = path_env();
     let out =
         lab.command(ns, "sh").args(["-c", command]).current_dir(cwd).env("PATH", path).output().expect("sh");
     assert!(
@@ -51,8 +56,7 @@ fn the_readme_relay_commands_run_as_written() {
     );
     sh(&lab, &lab.client(), &laptop_dir, &printf.replace("relay.example.net", SERVER));
     let serve = readme(r#"cmm-relay serve --listen 0.0.0.0:7443 --key relay.key --allow "$(cat proxy.pub)""#);
-    let bin_dir = workspace_bin("cmm-relay").parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = path_env();
     let mut cmd = lab.command(&lab.server(), "sh");
     cmd.args(["-c", &format!("exec {serve}")]).current_dir(&server_dir).env("PATH", &path);
     let relay = lab.spawn_command(cmd);

@@ -438,8 +438,17 @@ impl Session {
 
     /// The path that `labels` would use now, if any.
     pub fn path_for(&self, labels: Labels) -> Option<PathId> {
-        let usable: Vec<(PathId, Network)> =
-            self.paths.iter().filter(|(_, p)| p.usable()).map(|(&id, p)| (id, p.network.clone())).collect();
+        self.best_path(labels, None)
+    }
+
+    /// The usable path the policy prefers for `labels`, leaving out `except`.
+    fn best_path(&self, labels: Labels, except: Option<PathId>) -> Option<PathId> {
+        let usable: Vec<(PathId, Network)> = self
+            .paths
+            .iter()
+            .filter(|&(&id, p)| Some(id) != except && p.usable())
+            .map(|(&id, p)| (id, p.network.clone()))
+            .collect();
         let networks: Vec<Network> = usable.iter().map(|(_, n)| n.clone()).collect();
         match self.policy.choose(labels, &networks) {
             Decision::Use { candidates, .. } => candidates.first().map(|&i| usable[i].0),
@@ -1270,28 +1279,13 @@ impl Session {
         let copy = unsure.then(|| Chunk { redundant: true, retransmit: true, ..c.clone() });
         p.inflight.insert(c.seq, Sent { chunk: c, at: now });
         if let Some(copy) = copy
-            && let Some(q) = self.alternate_path(copy.labels, id)
+            && let Some(q) = self.best_path(copy.labels, Some(id))
             && let Some(other) = self.paths.get_mut(&q)
         {
             self.redundant_bytes += copy.payload_len() as u64;
             other.enqueue(copy);
         }
         Some(Transmit { header, payload })
-    }
-
-    /// The best usable path for `labels` other than `not`, if the labels allow one.
-    fn alternate_path(&self, labels: Labels, not: PathId) -> Option<PathId> {
-        let usable: Vec<(PathId, Network)> = self
-            .paths
-            .iter()
-            .filter(|&(&id, p)| id != not && p.usable())
-            .map(|(&id, p)| (id, p.network.clone()))
-            .collect();
-        let networks: Vec<Network> = usable.iter().map(|(_, n)| n.clone()).collect();
-        match self.policy.choose(labels, &networks) {
-            Decision::Use { candidates, .. } => candidates.first().map(|&i| usable[i].0),
-            _ => None,
-        }
     }
 
     /// Payload bytes sent a second time on another network for redundancy (ONDEMAND chunks
