@@ -54,7 +54,7 @@ pub use send::{Body, Chunk, SendBuffer, SendStream};
 pub use stream::{INITIAL_STREAM_WINDOW, MAX_STREAMS, RecvStream, StreamState};
 pub use timer::Timer;
 
-use path::{PathState, Sent};
+use path::PathState;
 
 /// DATA frames received on a path before an acknowledgement goes out at once.
 const ACK_EVERY: u32 = 8;
@@ -365,13 +365,45 @@ impl Session {
 
     fn path_usable(&mut self, id: PathId, network: Network) {
         self.events.push_back(Event::PathUp { path: id, network });
+        self.copy_inflight_to(id);
         self.rechoose_queued();
+    }
+
+    /// A path came up: chunks in flight on other paths whose labels prefer it now are sent
+    /// on it too, first. The receiver waits for the oldest bytes in order, and a backlog
+    /// written on a slow network (a few hundred ms of it on cellular) would otherwise hold up
+    /// everything the returning fast one carries; the cost is one copy of that backlog on the
+    /// preferred network, never on the slow one.
+    fn copy_inflight_to(&mut self, id: PathId) {
+        let mut copies: Vec<Chunk> = Vec::new();
+        for (&q, p) in &self.paths {
+            if q == id {
+                continue;
+            }
+            for sent in p.inflight.values() {
+                let c = &sent.chunk;
+                if c.payload_len() > 0 && self.best_path(c.labels, None, false) == Some(id) {
+                    copies.push(Chunk { retransmit: true, redundant: true, ..c.clone() });
+                }
+            }
+        }
+        copies.sort_by_key(|c| c.seq);
+        if let Some(p) = self.paths.get_mut(&id) {
+            for c in copies.into_iter().rev() {
+                p.queue.push_front(c);
+            }
+        }
     }
 
     /// Chooses again for every chunk not yet written anywhere: the waiting ones, and those
     /// queued on a path that may no longer be the best for their labels (a faster network came
     /// back while a slow one held a backlog). Written chunks stay where they are.
     fn rechoose_queued(&mut self) {
+        let troubled: Vec<PathId> =
+            self.paths.iter().filter(|(_, p)| p.troubled).map(|(&id, _)| id).collect();
+        for id in troubled {
+            self.move_off(id);
+        }
         let mut chunks: Vec<Chunk> = std::mem::take(&mut self.waiting).into_values().collect();
         for p in self.paths.values_mut() {
             chunks.extend(p.queue.drain(..));
@@ -403,12 +435,14 @@ impl Session {
             }
         }
         let chunks = p.take_chunks();
-        let had_ack = p.ack_now || p.ack_due.is_some();
+        // The peer learns on every other path, with what we received first: a sender that
+        // moves the lost path's data resends only what we lack.
+        let ack = (!self.paths.is_empty()).then(|| self.ack_frame());
         for (_, other) in self.paths.iter_mut().filter(|(_, o)| o.established) {
+            if let Some(ack) = &ack {
+                ack.encode(&mut other.control);
+            }
             Frame::PathDown { path: id }.encode(&mut other.control);
-        }
-        if had_ack && let Some((_, other)) = self.paths.iter_mut().find(|(_, o)| o.usable()) {
-            other.ack_now = true;
         }
         self.events.push_back(Event::PathDown {
             path: id,
@@ -438,22 +472,52 @@ impl Session {
 
     /// The path that `labels` would use now, if any.
     pub fn path_for(&self, labels: Labels) -> Option<PathId> {
-        self.best_path(labels, None)
+        self.best_path(labels, None, false)
     }
 
-    /// The usable path the policy prefers for `labels`, leaving out `except`.
-    fn best_path(&self, labels: Labels, except: Option<PathId>) -> Option<PathId> {
-        let usable: Vec<(PathId, Network)> = self
-            .paths
-            .iter()
-            .filter(|&(&id, p)| Some(id) != except && p.usable())
-            .map(|(&id, p)| (id, p.network.clone()))
-            .collect();
-        let networks: Vec<Network> = usable.iter().map(|(_, n)| n.clone()).collect();
-        match self.policy.choose(labels, &networks) {
-            Decision::Use { candidates, .. } => candidates.first().map(|&i| usable[i].0),
-            _ => None,
+    /// The path the policy prefers for `labels` among the usable ones, leaving out `except`;
+    /// with `troubled_too`, when no usable path takes them, the preferred established one
+    /// that is troubled (a chunk already accepted loses nothing by waiting in a connection
+    /// that may come back, and gains nothing by waiting outside it).
+    fn best_path(&self, labels: Labels, except: Option<PathId>, troubled_too: bool) -> Option<PathId> {
+        let choose = |pick: &dyn Fn(&PathState) -> bool| {
+            let usable: Vec<(PathId, Network)> = self
+                .paths
+                .iter()
+                .filter(|&(&id, p)| Some(id) != except && pick(p))
+                .map(|(&id, p)| (id, p.network.clone()))
+                .collect();
+            let networks: Vec<Network> = usable.iter().map(|(_, n)| n.clone()).collect();
+            match self.policy.choose(labels, &networks) {
+                Decision::Use { candidates, .. } => candidates.first().map(|&i| usable[i].0),
+                _ => None,
+            }
+        };
+        choose(&|p: &PathState| p.usable())
+            .or_else(|| if troubled_too { choose(&|p: &PathState| p.established) } else { None })
+    }
+
+    /// Where an accepted chunk with `labels` goes: a usable path, else a troubled one.
+    fn place_on(&self, labels: Labels) -> Option<PathId> {
+        self.best_path(labels, None, true)
+    }
+
+    /// Moves the chunks of troubled path `id` that a usable path would take there (resent
+    /// in pieces); the rest stay, in flight or queued, since nothing better exists for them.
+    fn move_off(&mut self, id: PathId) {
+        let Some(p) = self.paths.get(&id) else { return };
+        let mut labels: Vec<Labels> =
+            p.queue.iter().chain(p.inflight.values().map(|s| &s.chunk)).map(|c| c.labels).collect();
+        labels.sort_unstable_by_key(|l| l.bits());
+        labels.dedup();
+        let elsewhere: Vec<Labels> =
+            labels.into_iter().filter(|&l| self.best_path(l, Some(id), false).is_some()).collect();
+        if elsewhere.is_empty() {
+            return;
         }
+        let Some(p) = self.paths.get_mut(&id) else { return };
+        let moved = p.take_chunks_where(|c| elsewhere.contains(&c.labels));
+        self.reassign(moved);
     }
 
     /// Moves chunks to the paths their labels choose now (before any new data there, since
@@ -466,8 +530,12 @@ impl Session {
                 continue;
             }
             c.retransmit = true;
-            match self.path_for(c.labels) {
-                Some(p) => per_path.entry(p).or_default().push(c),
+            match self.place_on(c.labels) {
+                Some(id) => {
+                    let piece =
+                        self.paths.get(&id).map_or(self.cfg.chunk, |p| p.resend_piece(self.cfg.chunk));
+                    per_path.entry(id).or_default().extend(self.tx.recut(c, piece));
+                }
                 None => {
                     self.waiting.insert(c.seq, c);
                 }
@@ -486,7 +554,7 @@ impl Session {
     /// unless it is background itself (ONDEMAND never waits behind a queued bulk transfer),
     /// or on the waiting list.
     fn place(&mut self, c: Chunk) {
-        match self.path_for(c.labels).and_then(|id| self.paths.get_mut(&id)) {
+        match self.place_on(c.labels).and_then(|id| self.paths.get_mut(&id)) {
             Some(p) => p.enqueue(c),
             None => {
                 self.waiting.insert(c.seq, c);
@@ -1125,7 +1193,7 @@ impl Session {
                 p.progress_at = now;
             }
             for q in done {
-                if let Some(sent) = p.inflight.remove(&q)
+                if let Some(sent) = p.acked(q)
                     && !sent.chunk.retransmit
                 {
                     p.sample_rtt(now.saturating_duration_since(sent.at));
@@ -1194,7 +1262,7 @@ impl Session {
         if p.ack_now || !p.control.is_empty() {
             return true;
         }
-        if !p.usable() || self.closed.is_some() {
+        if !p.established || self.closed.is_some() {
             return false;
         }
         let Some(front) = p.queue.front() else { return false };
@@ -1215,7 +1283,8 @@ impl Session {
         if !p.control.is_empty() {
             return Some(Transmit { header: p.control.split().freeze(), payload: Bytes::new() });
         }
-        if !p.usable() || self.closed.is_some() {
+        // Troubled paths too: what is queued there has nowhere better to go.
+        if !p.established || self.closed.is_some() {
             return None;
         }
         while p.queue.front().is_some_and(|c| !self.tx.owed(c.seq)) {
@@ -1277,9 +1346,9 @@ impl Session {
                 .get(&p.network.name)
                 .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_MEMORY);
         let copy = unsure.then(|| Chunk { redundant: true, retransmit: true, ..c.clone() });
-        p.inflight.insert(c.seq, Sent { chunk: c, at: now });
+        p.sent(c, now);
         if let Some(copy) = copy
-            && let Some(q) = self.best_path(copy.labels, Some(id))
+            && let Some(q) = self.best_path(copy.labels, Some(id), false)
             && let Some(other) = self.paths.get_mut(&q)
         {
             self.redundant_bytes += copy.payload_len() as u64;
@@ -1311,17 +1380,18 @@ impl Session {
                     .map(move |&t| (id, t))
             })
             .collect();
-        let mut moved = Vec::new();
+        let mut troubled = Vec::new();
         for (id, timer) in due {
-            self.on_timer(id, timer, now, &mut moved);
+            self.on_timer(id, timer, now, &mut troubled);
         }
-        if !moved.is_empty() {
-            self.reassign(moved);
+        for id in troubled {
+            self.move_off(id);
         }
     }
 
-    /// What each timer does; `moved` collects chunks taken off a path that became troubled.
-    fn on_timer(&mut self, id: PathId, timer: Timer, now: Instant, moved: &mut Vec<Chunk>) {
+    /// What each timer does; `troubled` collects the paths that became troubled, whose chunks
+    /// move once every timer ran.
+    fn on_timer(&mut self, id: PathId, timer: Timer, now: Instant, troubled: &mut Vec<PathId>) {
         let Some(p) = self.paths.get_mut(&id) else { return };
         match timer {
             Timer::Ack => {
@@ -1332,7 +1402,7 @@ impl Session {
             Timer::Pace => p.paced_until = None,
             Timer::Trouble => {
                 p.troubled = true;
-                moved.extend(p.take_chunks());
+                troubled.push(id);
                 Frame::Ping.encode(&mut p.control);
                 p.ping_at = Some(now);
                 self.events.push_back(Event::PathTroubled { path: id });

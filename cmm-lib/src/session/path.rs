@@ -53,8 +53,12 @@ pub(super) struct PathState {
     pub data_since_ack: u32,
     /// Chunks chosen for this path, not written yet.
     pub queue: VecDeque<Chunk>,
-    /// Chunks written, not acknowledged, by sequence number.
+    /// Chunks written, not acknowledged, by sequence number (change it through
+    /// [`PathState::sent`], [`PathState::acked`] and [`PathState::take_chunks`], which keep
+    /// `inflight_bytes`).
     pub inflight: BTreeMap<u64, Sent>,
+    /// Payload bytes of the chunks in `inflight`.
+    pub inflight_bytes: usize,
     /// When its own data (or, idle, a probe) was last acknowledged.
     pub progress_at: Instant,
     /// When the unanswered PING went out.
@@ -80,6 +84,7 @@ impl PathState {
             data_since_ack: 0,
             queue: VecDeque::new(),
             inflight: BTreeMap::new(),
+            inflight_bytes: 0,
             progress_at: now,
             ping_at: None,
             last_rx: now,
@@ -101,10 +106,45 @@ impl PathState {
         !self.inflight.is_empty() || self.ping_at.is_some()
     }
 
-    /// How long it may go without acknowledging progress before it is troubled.
+    /// How long it may go without acknowledging progress before it is troubled: libcmm's
+    /// three round trips (at least `min_trouble`), plus the time the network's rate needs for
+    /// what is in flight on it — on a slow link a backlog moved there is not a dead link.
     pub fn trouble_timeout(&self, cfg: &SessionConfig) -> Duration {
         let rtt = self.srtt.unwrap_or_else(|| self.network.rtt());
-        (rtt * 3 + cfg.ack_delay).max(cfg.min_trouble)
+        (rtt * 3 + cfg.ack_delay).max(cfg.min_trouble) + self.time_to_send(self.inflight_bytes)
+    }
+
+    /// How long `bytes` take at the network's upstream rate, if it is known.
+    pub fn time_to_send(&self, bytes: usize) -> Duration {
+        match self.network.bandwidth_up() {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(bytes as f64 * 8.0 / rate as f64),
+        }
+    }
+
+    /// The largest piece a resent chunk is cut into here: about 25 ms of the network's
+    /// upstream rate (at least 8 KiB; 16 KiB when the rate is unknown), so that the first bytes
+    /// a receiver waits for after a failover arrive after one piece rather than a whole chunk.
+    pub fn resend_piece(&self, chunk: usize) -> usize {
+        match self.network.bandwidth_up() {
+            0 => 16 * 1024,
+            rate => usize::try_from(rate / 8 / 40).unwrap_or(usize::MAX).clamp(8 * 1024, chunk.max(8 * 1024)),
+        }
+    }
+
+    /// Records chunk `c` as written at `now`.
+    pub fn sent(&mut self, c: Chunk, now: Instant) {
+        self.inflight_bytes += c.payload_len();
+        if let Some(old) = self.inflight.insert(c.seq, Sent { chunk: c, at: now }) {
+            self.inflight_bytes -= old.chunk.payload_len();
+        }
+    }
+
+    /// Takes the chunk written at `seq` off the in-flight list (it was acknowledged).
+    pub fn acked(&mut self, seq: u64) -> Option<Sent> {
+        let sent = self.inflight.remove(&seq)?;
+        self.inflight_bytes -= sent.chunk.payload_len();
+        Some(sent)
     }
 
     /// Queues a new chunk: background at the back, anything else ahead of the first queued
@@ -122,7 +162,25 @@ impl PathState {
     pub fn take_chunks(&mut self) -> Vec<Chunk> {
         let mut chunks: Vec<Chunk> = self.queue.drain(..).collect();
         chunks.extend(std::mem::take(&mut self.inflight).into_values().map(|s| s.chunk));
+        self.inflight_bytes = 0;
         chunks
+    }
+
+    /// Takes the chunks (queued and in flight) whose labels `moves` says go elsewhere.
+    pub fn take_chunks_where(&mut self, mut moves: impl FnMut(&Chunk) -> bool) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for c in self.queue.drain(..) {
+            if moves(&c) { out.push(c) } else { kept.push_back(c) }
+        }
+        self.queue = kept;
+        let seqs: Vec<u64> = self.inflight.iter().filter(|(_, s)| moves(&s.chunk)).map(|(&q, _)| q).collect();
+        for q in seqs {
+            if let Some(s) = self.acked(q) {
+                out.push(s.chunk);
+            }
+        }
+        out
     }
 
     /// Counts an RTT sample from a chunk acknowledged `sample` after it was written.

@@ -199,6 +199,53 @@ impl SendBuffer {
         self.unacked.contains_key(&seq)
     }
 
+    /// Cuts a data chunk that is to be sent again into pieces of at most `piece` bytes, each
+    /// owed on its own from now on, and returns the pieces still owed (a copy of the whole
+    /// chunk elsewhere stays valid: the receiver keeps what it lacks of it). A chunk cut
+    /// before is returned as the pieces of it still owed; anything else as it is.
+    pub fn recut(&mut self, c: Chunk, piece: usize) -> Vec<Chunk> {
+        let Body::Data { stream, offset, fin, data } = &c.body else { return vec![c] };
+        if data.is_empty() {
+            return vec![c];
+        }
+        let piece = piece.max(1);
+        if let Some(owed) = self.unacked.get(&c.seq).copied()
+            && owed.len == c.len()
+        {
+            if data.len() <= piece {
+                return vec![c];
+            }
+            self.unacked.remove(&c.seq);
+            for at in (0..data.len()).step_by(piece) {
+                let n = piece.min(data.len() - at);
+                let last = at + n == data.len();
+                let ends = if last { owed.ends } else { None };
+                self.unacked.insert(c.seq + at as u64, Owed { len: n as u64, bytes: n, ends });
+            }
+        }
+        self.unacked
+            .range(c.seq..c.end())
+            .filter(|&(&q, o)| q + o.len <= c.end())
+            .map(|(&q, o)| {
+                let at = (q - c.seq) as usize;
+                let n = o.len as usize;
+                let last = at + n == data.len();
+                Chunk {
+                    seq: q,
+                    labels: c.labels,
+                    body: Body::Data {
+                        stream: *stream,
+                        offset: offset + at as u64,
+                        fin: *fin && last,
+                        data: data.slice(at..at + n),
+                    },
+                    retransmit: c.retransmit,
+                    redundant: c.redundant,
+                }
+            })
+            .collect()
+    }
+
     /// The peer's session window, for debugging.
     pub fn peer_window(&self) -> u64 {
         self.peer_window
@@ -309,5 +356,53 @@ impl SendStream {
     /// Whether this half is over and the peer knows it.
     pub fn done(&self) -> bool {
         self.end_acked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_chunk(buf: &mut SendBuffer, len: usize, fin: bool) -> Chunk {
+        let data = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<u8>>());
+        buf.push(Labels::BACKGROUND, Body::Data { stream: 0, offset: 100, fin, data })
+    }
+
+    #[test]
+    fn a_recut_chunk_is_owed_piece_by_piece_and_ends_its_stream_once() {
+        let mut buf = SendBuffer::new(1 << 20, 1 << 20);
+        let c = data_chunk(&mut buf, 40_000, true);
+        let pieces = buf.recut(c.clone(), 16_384);
+        let lens: Vec<usize> = pieces.iter().map(Chunk::payload_len).collect();
+        assert_eq!(lens, vec![16_384, 16_384, 7_232]);
+        for (p, at) in pieces.iter().zip([0u64, 16_384, 32_768]) {
+            assert_eq!(p.seq, c.seq + at);
+            let Body::Data { offset, fin, data, .. } = &p.body else { panic!("{p:?}") };
+            assert_eq!(*offset, 100 + at);
+            assert_eq!(*fin, at == 32_768, "only the last piece carries the FIN");
+            assert_eq!(data[0], at as u8);
+        }
+        // The first piece is acknowledged: cut again, the whole chunk yields what is owed.
+        let mut ended = Vec::new();
+        buf.on_ack(c.seq + 16_384, 1 << 20, &[], |_, e| ended.extend(e));
+        let rest = buf.recut(c.clone(), 16_384);
+        assert_eq!(rest.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![c.seq + 16_384, c.seq + 32_768]);
+        assert_eq!(buf.unacked_bytes(), 40_000 - 16_384);
+        // The peer acknowledges the old whole copy's range: everything, and the end once.
+        buf.on_ack(c.end(), 1 << 20, &[], |_, e| ended.extend(e));
+        assert!(buf.all_acked());
+        assert_eq!(buf.unacked_bytes(), 0);
+        assert_eq!(ended, vec![0]);
+    }
+
+    #[test]
+    fn small_and_control_chunks_are_not_cut() {
+        let mut buf = SendBuffer::new(1 << 20, 1 << 20);
+        let c = data_chunk(&mut buf, 1000, false);
+        assert_eq!(buf.recut(c.clone(), 16_384).len(), 1);
+        let fin = data_chunk(&mut buf, 0, true);
+        assert_eq!(buf.recut(fin, 1).len(), 1);
+        let credit = buf.push(Labels::ONDEMAND, Body::MaxStreamData { stream: 0, max: 5 });
+        assert_eq!(buf.recut(credit, 1).len(), 1);
     }
 }

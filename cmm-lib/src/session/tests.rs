@@ -539,6 +539,99 @@ fn a_path_that_goes_down_has_its_data_resent_elsewhere() {
     assert!(events.iter().any(|e| matches!(e, Event::PathDown { path: 1, .. })));
 }
 
+/// Cellular as a relay sees it after a failover: slow and far (the lab's 2 Mbit/s with 60 ms
+/// each way), so one 64 KiB chunk takes longer to send than three idle round trips.
+fn far_cell() -> Network {
+    let mut n = cell();
+    n.declared.rtt = Some(Duration::from_millis(120));
+    n
+}
+
+#[test]
+fn a_backlog_moved_to_a_slow_path_arrives_soon_in_pieces_and_is_sent_there_once() {
+    // The relay's case: b (the relay) sends a download; a (the proxy) loses Wi-Fi, knows it
+    // first and tells b on cellular.
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, far_cell(), 60 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2 && s.b.path_ids().len() == 2);
+    // Idle cellular: its round trip is known, nothing is queued there.
+    sim.run_for(Duration::from_secs(2));
+    let data = payload(1_000_000, 8);
+    let mut off = 0;
+    while off < data.len() {
+        off += sim.b_send_now(&data[off..], Labels::BACKGROUND);
+        sim.run_for(MS);
+    }
+    sim.run_for(50 * MS);
+    assert!(sim.a_got.len() < data.len() / 2, "the backlog must still be on Wi-Fi");
+    // Wi-Fi goes, with what was on the wire.
+    sim.kill(1);
+    sim.a.remove_path(1, "network went down", sim.now);
+    let (t0, had) = (sim.now, sim.a_got.len());
+    sim.run_until(Duration::from_secs(5), |s| s.a_got.len() > had);
+    // The first missing bytes come after the news (60 ms), one piece at 2 Mbit/s and the way
+    // back (60 ms): not after a whole 64 KiB chunk (262 ms), nor after what a already had.
+    let first = sim.now - t0;
+    assert!(first < 200 * MS, "the first resent bytes arrived after {first:?}");
+    sim.run_until(Duration::from_secs(60), |s| s.a_got.len() == data.len());
+    assert_eq!(sim.a_got, data, "every byte once, in order");
+    // The slow path was never taken for dead, so nothing went on it twice.
+    let events: Vec<Event> = std::iter::from_fn(|| sim.b.poll_event()).collect();
+    assert!(!events.iter().any(|e| matches!(e, Event::PathTroubled { .. })), "{events:?}");
+    let cell = path_bytes(&sim.b, "cell");
+    assert!(
+        cell <= (data.len() - had) as u64 + 64 * 1024,
+        "cell carried {cell}, a lacked {}",
+        data.len() - had
+    );
+}
+
+#[test]
+fn what_a_slow_path_has_in_flight_is_copied_to_a_fast_one_that_returns() {
+    // b (the relay) sends over cellular alone, far away; Wi-Fi comes back as a new path.
+    let mut sim = Sim::new(policy());
+    sim.add_path(2, far_cell(), 300 * MS, 250_000);
+    sim.run_until(Duration::from_secs(2), |s| s.established() == 1 && s.b.path_ids().len() == 1);
+    let data = payload(200_000, 10);
+    let n = sim.b_send_now(&data, Labels::BACKGROUND);
+    assert_eq!(n, data.len());
+    sim.run_for(50 * MS);
+    sim.add_path(3, wifi(), 10 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(2), |s| s.b.path_ids().len() == 2);
+    let t0 = sim.now;
+    sim.run_until(Duration::from_secs(30), |s| s.a_got.len() == data.len());
+    assert_eq!(sim.a_got, data);
+    // What cellular still had on its way (300 ms from there) came over Wi-Fi instead.
+    let took = sim.now - t0;
+    assert!(took < 150 * MS, "the last bytes arrived {took:?} after Wi-Fi was back");
+}
+
+#[test]
+fn a_lone_troubled_path_keeps_its_data_and_sends_it_once() {
+    let mut sim = Sim::new(policy());
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 1);
+    let data = payload(300_000, 9);
+    sim.send_all(&data, Labels::ONDEMAND, Duration::from_secs(10));
+    sim.run_for(20 * MS);
+    // Cellular stalls for a while (nothing is lost: one TCP connection), then comes back.
+    let link = sim.links.get_mut(&2).unwrap();
+    link.up_ab = false;
+    link.up_ba = false;
+    link.held_ab.extend(link.ab.drain(..).map(|p| p.bytes));
+    link.held_ba.extend(link.ba.drain(..).map(|p| p.bytes));
+    sim.run_until(Duration::from_secs(10), |s| s.a.path_stats().iter().any(|p| p.troubled));
+    sim.run_for(Duration::from_secs(2));
+    let link = sim.links.get_mut(&2).unwrap();
+    link.up_ab = true;
+    link.up_ba = true;
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == data.len());
+    assert_eq!(sim.got, data);
+    // Nothing better existed for it, so nothing was taken off it and sent there again.
+    assert_eq!(path_bytes(&sim.a, "cell"), data.len() as u64);
+}
+
 #[test]
 fn a_silently_dead_path_is_found_by_missing_acks() {
     let mut sim = Sim::new(policy());
