@@ -19,6 +19,7 @@
 //! skipped) when they are missing, except under CI (`CI=true`), where that is a failure.
 
 pub mod delay;
+pub mod download;
 pub mod pattern;
 pub mod proc;
 pub mod relay;

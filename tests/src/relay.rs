@@ -33,6 +33,12 @@ fn keygen(lab: &Lab, name: &str) -> (String, String) {
 /// tables, as for [`crate::config`]) and a `[relay]` section naming it, plus `relay_extra`
 /// lines in that section.
 pub fn start(lab: &Lab, settings: &str, relay_extra: &str) -> RelayProxy {
+    start_with_config(lab, &crate::config(settings), relay_extra)
+}
+
+/// Starts the relay and a proxy whose config is `config` (with no `[relay]` section) and a
+/// `[relay]` section naming the relay, plus `relay_extra` lines in that section.
+pub fn start_with_config(lab: &Lab, config: &str, relay_extra: &str) -> RelayProxy {
     let (relay_key, relay_public) = keygen(lab, "relay.key");
     let (proxy_key, proxy_public) = keygen(lab, "proxy.key");
     let listen = format!("{SERVER}:{RELAY_PORT}");
@@ -42,10 +48,10 @@ pub fn start(lab: &Lab, settings: &str, relay_extra: &str) -> RelayProxy {
         &["serve", "--listen", &listen, "--key", &relay_key, "--allow", &proxy_public],
     );
     relay.wait_for_line("relay serving", Duration::from_secs(20));
-    let settings = format!(
-        "{settings}\n[relay]\naddress = \"{listen}\"\npublic_key = \"{relay_public}\"\nkey = \"{proxy_key}\"\n{relay_extra}\n"
+    let config = format!(
+        "{config}\n[relay]\naddress = \"{listen}\"\npublic_key = \"{relay_public}\"\nkey = \"{proxy_key}\"\n{relay_extra}\n"
     );
-    let path = lab.write_file("proxy.toml", &crate::config(&settings));
+    let path = lab.write_file("proxy.toml", &config);
     let proxy = lab.spawn(&lab.client(), workspace_bin("cmm-proxy"), &["--config", path.to_str().unwrap()]);
     proxy.wait_for_line("listening on ", Duration::from_secs(20));
     RelayProxy { relay, proxy }

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cmm_lab::download::Download;
 use cmm_lab::relay::RelayProxy;
 use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, Uplink, pattern, workspace_bin};
 
@@ -114,53 +115,21 @@ fn a_download_through_the_relay_survives_wifi_going_away_mid_transfer() {
     let Some(p) = start("a_download_through_the_relay_survives_wifi_going_away_mid_transfer") else { return };
     let bytes = 24_000_000u64;
     for (i, how) in [Cut::Admin, Cut::Carrier, Cut::Blackhole].into_iter().enumerate() {
-        let out = p.lab.dir().join(format!("body{i}"));
-        let curl = p.lab.spawn(
-            &p.lab.client(),
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "150",
-                "-o",
-                out.to_str().unwrap(),
-                "-x",
-                "socks5h://background@127.0.0.1:1080",
-                &format!("http://{SERVER}:{HTTP_PORT}/bytes/{bytes}"),
-            ],
-        );
-        // Under way on Wi-Fi (50 Mbit/s: about 4 s for all of it), then Wi-Fi goes for 3 s.
         let t0 = Instant::now();
-        while std::fs::metadata(&out).map_or(0, |m| m.len()) < bytes / 6 {
-            assert!(t0.elapsed() < Duration::from_secs(60), "{how:?}: the download never got going");
-            assert!(curl.exited().is_none(), "{how:?}: curl ended early: {}", curl.output());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The longest time the download stands still from the cut on (bytes go on over
-        // cellular while Wi-Fi is away): what a person would notice.
-        let size = || std::fs::metadata(&out).map_or(0, |m| m.len());
-        let (mut last, mut since, mut stall) = (size(), Instant::now(), Duration::ZERO);
-        let mut watch = |until: Instant| {
-            while Instant::now() < until && curl.exited().is_none() {
-                std::thread::sleep(Duration::from_millis(10));
-                let now = size();
-                if now != last {
-                    stall = stall.max(since.elapsed());
-                    (last, since) = (now, Instant::now());
-                }
-            }
-        };
+        let d = Download::start(&p.lab, &format!("body{i}"), "background", bytes, None, &[]);
+        // Under way on Wi-Fi (50 Mbit/s: about 4 s for all of it), then Wi-Fi goes for 3 s;
+        // bytes go on over cellular meanwhile.
+        d.wait_for(bytes / 6, Duration::from_secs(60));
+        let cut_at = Instant::now();
         p.lab.cut(Uplink::Wifi, how);
-        watch(Instant::now() + Duration::from_secs(3));
-        assert!(curl.exited().is_none(), "{how:?}: curl ended while Wi-Fi was away: {}", curl.output());
+        let mut stall = d.longest_stall(cut_at + Duration::from_secs(3));
+        assert!(d.curl.exited().is_none(), "{how:?}: curl ended while Wi-Fi was away: {}", d.curl.output());
         p.lab.restore(Uplink::Wifi, how);
-        watch(Instant::now() + Duration::from_secs(150));
+        stall = stall.max(d.longest_stall(Instant::now() + Duration::from_secs(150)));
         eprintln!("{how:?}: longest stall {stall:?}");
-        let status = curl.wait_exit(Duration::from_secs(150)).expect("curl finished");
-        assert!(status.success(), "{how:?}: curl failed: {}\nproxy:\n{}", curl.output(), p.proxy.output());
-        let body = std::fs::read(&out).unwrap();
-        assert_eq!(body.len() as u64, bytes, "{how:?}");
-        assert_eq!(pattern::sha256_hex(&body), pattern::pattern_sha256(bytes), "{how:?}: body differs");
+        if let Err(e) = d.finish(Duration::from_secs(150)) {
+            panic!("{how:?}: {e}\nproxy:\n{}", p.proxy.output());
+        }
         eprintln!("{how:?}: {bytes} bytes intact in {:?}", t0.elapsed());
     }
     // Every connection rode the relay and ended well.

@@ -1,6 +1,7 @@
 //! `lab-server`: the test servers of the lab, in one process.
 //!
-//! - HTTP: `GET /bytes/N` sends N bytes of the lab pattern; `GET /ip` answers the caller's
+//! - HTTP: `GET /bytes/N` sends N bytes of the lab pattern (`?rate=B` paces them at B bytes
+//!   per second, never faster to catch up: a steady source); `GET /ip` answers the caller's
 //!   source address; `POST /echo` sends the body back; `POST /sink` answers
 //!   `<bytes> <sha256>` of the body; `GET /delay/MS` answers after MS milliseconds.
 //! - TCP echo: sends back what it receives, half-closes when the client does.
@@ -152,7 +153,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body
     let response = match (req.method(), path.split('/').collect::<Vec<_>>().as_slice()) {
         (&Method::GET, ["", "ip"]) => text(StatusCode::OK, format!("{}\n", canonical_ip(peer))),
         (&Method::GET, ["", "bytes", n]) => match n.parse::<u64>() {
-            Ok(len) => pattern_response(len),
+            Ok(len) => pattern_response(len, query_rate(req.uri().query())),
             Err(_) => text(StatusCode::BAD_REQUEST, "bad length\n".into()),
         },
         (&Method::GET, ["", "delay", ms]) => match ms.parse::<u64>() {
@@ -209,16 +210,29 @@ async fn static_file(path: &str) -> Response<Body> {
     }
 }
 
-fn pattern_response(len: u64) -> Response<Body> {
-    const CHUNK: u64 = 64 * 1024;
-    let stream = futures::stream::unfold(0u64, move |pos| async move {
+/// `rate=B` from a query string.
+fn query_rate(query: Option<&str>) -> Option<u64> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("rate=")).and_then(|v| v.parse().ok()).filter(|&r| r > 0)
+}
+
+fn pattern_response(len: u64, rate: Option<u64>) -> Response<Body> {
+    let chunk: u64 = if rate.is_some() { 16 * 1024 } else { 64 * 1024 };
+    let start = tokio::time::Instant::now();
+    let stream = futures::stream::unfold((0u64, start), move |(pos, next)| async move {
         if pos >= len {
             return None;
         }
-        let n = (len - pos).min(CHUNK) as usize;
+        let mut next = next;
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(next).await;
+            // The next piece is due one piece's time after this one went out (or was due).
+            next = next.max(tokio::time::Instant::now() - Duration::from_millis(5))
+                + Duration::from_secs_f64(chunk as f64 / rate as f64);
+        }
+        let n = (len - pos).min(chunk) as usize;
         let mut buf = vec![0u8; n];
         pattern::fill(&mut buf, pos);
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(buf))), pos + n as u64))
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(buf))), (pos + n as u64, next)))
     });
     let mut r = Response::new(StreamBody::new(stream).map_err(|never| match never {}).boxed());
     r.headers_mut().insert(hyper::header::CONTENT_LENGTH, len.into());
