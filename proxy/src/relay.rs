@@ -11,23 +11,32 @@
 //! Everything else goes direct ([`DirectUpstream`]): `via = "direct"`, destinations on this
 //! machine or a directly connected subnet (unless a rule says otherwise), and — so that a
 //! relay that cannot be reached never blocks new connections — every connection while no path
-//! to the relay comes up within `fallback_after` (3 s). Live connections wait for a path, with
-//! nothing lost, for `grace` (60 s); then the session ends and they are reset.
+//! to the relay comes up within `fallback_after` (3 s; with `"strict"` they wait up to `grace`
+//! instead and are refused after it, never going direct). Live connections wait for a path,
+//! with nothing lost, for `grace` (60 s); then the session ends and they are reset.
 //!
 //! In relay mode, a rule's `cidr` matches destinations given as addresses (names are not
 //! resolved here).
+//!
+//! With `open_early` (the default), a connection to a destination the relay reached in the
+//! last [`REACHED_FOR`] is answered at once: its first bytes follow the open request without
+//! waiting a round trip for the relay's answer, which is read ahead of the data
+//! ([`EarlyReply`]). Should that dial fail after all, the client's connection is reset.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use cmm::relay::{OpenReply, OpenRequest, OpenStatus};
 use cmm::tls::{Identity, PublicKey};
 use cmm::{Callbacks, ConnectError, Connector, Host, Labels, MultiSocket, Stream};
 use cmm_policy::{RelaySettings, Via};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::upstream::{
     DirectUpstream, OpenError, OpenState, Opened, Upstream, UpstreamConn, UpstreamIo, UpstreamRequest,
@@ -35,6 +44,40 @@ use crate::upstream::{
 
 /// Longest the relay's reply may take, beyond its own connect timeout.
 const REPLY_SLACK: Duration = Duration::from_secs(5);
+
+/// How long a destination the relay reached counts as reachable for `open_early`.
+pub const REACHED_FOR: Duration = Duration::from_secs(600);
+
+/// Most destinations remembered as reached.
+const MAX_REACHED: usize = 1024;
+
+/// Destinations the relay connected to lately, with the address it connected from.
+#[derive(Default)]
+struct Reached(Mutex<HashMap<String, (Instant, SocketAddr)>>);
+
+impl Reached {
+    fn get(&self, target: &str) -> Option<SocketAddr> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(target).filter(|(at, _)| at.elapsed() < REACHED_FOR).map(|&(_, bound)| bound)
+    }
+
+    fn insert(&self, target: String, bound: SocketAddr) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_REACHED && !map.contains_key(&target) {
+            map.retain(|_, (at, _)| at.elapsed() < REACHED_FOR);
+            if map.len() >= MAX_REACHED
+                && let Some(oldest) = map.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(target, (Instant::now(), bound));
+    }
+
+    fn forget(&self, target: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(target);
+    }
+}
 
 /// Sends connections over the relay, or direct (see the module).
 pub struct RelayUpstream {
@@ -44,6 +87,7 @@ pub struct RelayUpstream {
     tls: Arc<rustls::ClientConfig>,
     session: tokio::sync::Mutex<Option<MultiSocket>>,
     reply_timeout: Duration,
+    reached: Arc<Reached>,
 }
 
 impl RelayUpstream {
@@ -72,13 +116,15 @@ impl RelayUpstream {
             tls,
             session: tokio::sync::Mutex::new(None),
             reply_timeout,
+            reached: Arc::default(),
         })
     }
 
     /// The session with the relay, with a path up, within `fallback_after`; opened (again)
     /// when there is none or it ended.
     async fn session(&self) -> Result<MultiSocket, String> {
-        let wait = self.settings.fallback_after;
+        // Strict: no going direct; wait as live connections do, then refuse.
+        let wait = self.settings.fallback_after.unwrap_or(self.settings.grace);
         let deadline = tokio::time::Instant::now() + wait;
         let mut held = self.session.lock().await;
         let live = held.as_ref().filter(|s| !s.is_closed()).cloned();
@@ -164,6 +210,14 @@ impl RelayUpstream {
             .encode(&mut out)
             .map_err(|e| connect_error(req, OpenStatus::Failed, &e.to_string()))?;
         stream.write_all(&out).await.map_err(failed)?;
+        let target = req.target.to_string();
+        if self.settings.open_early
+            && let Some(bound) = self.reached.get(&target)
+        {
+            let io =
+                EarlyReply { stream, got: Vec::new(), ahead: None, target, reached: self.reached.clone() };
+            return Ok(relayed(UpstreamIo::Stream(Box::new(io)), bound));
+        }
         let reply = match tokio::time::timeout(self.reply_timeout, read_reply(&mut stream)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(failed(e)),
@@ -173,16 +227,114 @@ impl RelayUpstream {
             }
         };
         if reply.status != OpenStatus::Connected {
+            self.reached.forget(&target);
             return Err(connect_error(req, reply.status, &reply.reason));
         }
-        Ok(UpstreamConn {
-            io: UpstreamIo::Stream(Box::new(stream)),
-            network: Some("relay".into()),
-            local: Some(reply.bound),
-            // A stream outlives the loss of any one network: nothing to follow here.
-            lost: Box::pin(futures::future::pending()),
-            path: None,
-        })
+        self.reached.insert(target, reply.bound);
+        Ok(relayed(UpstreamIo::Stream(Box::new(stream)), reply.bound))
+    }
+}
+
+/// A connection that rides the relay.
+fn relayed(io: UpstreamIo, bound: SocketAddr) -> UpstreamConn {
+    UpstreamConn {
+        io,
+        network: Some("relay".into()),
+        local: Some(bound),
+        // A stream outlives the loss of any one network: nothing to follow here.
+        lost: Box::pin(futures::future::pending()),
+        path: None,
+    }
+}
+
+/// A stream opened early: the relay's reply comes first on it and is taken off before the
+/// destination's bytes; a reply other than connected is an error for the reader (and the
+/// destination is no longer counted as reached). Writes go through at once.
+struct EarlyReply {
+    stream: Stream,
+    /// The reply's bytes so far, while it is incomplete.
+    got: Vec<u8>,
+    /// Bytes read past the reply, not yet handed on (`Some` once the reply is in).
+    ahead: Option<(Vec<u8>, usize)>,
+    target: String,
+    reached: Arc<Reached>,
+}
+
+impl AsyncRead for EarlyReply {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if let Some((ahead, at)) = &mut this.ahead {
+                if *at < ahead.len() {
+                    let n = (ahead.len() - *at).min(buf.remaining());
+                    buf.put_slice(&ahead[*at..*at + n]);
+                    *at += n;
+                    return Poll::Ready(Ok(()));
+                }
+                return Pin::new(&mut this.stream).poll_read(cx, buf);
+            }
+            match OpenReply::decode(&this.got) {
+                Ok(Some((reply, used))) => {
+                    if reply.status != OpenStatus::Connected {
+                        this.reached.forget(&this.target);
+                        let _ = this.stream.reset(1);
+                        let kind = match reply.status {
+                            OpenStatus::Refused => io::ErrorKind::ConnectionRefused,
+                            OpenStatus::TimedOut => io::ErrorKind::TimedOut,
+                            _ => io::ErrorKind::ConnectionAborted,
+                        };
+                        let why =
+                            format!("the relay could not connect ({:?}): {}", reply.status, reply.reason);
+                        return Poll::Ready(Err(io::Error::new(kind, why)));
+                    }
+                    let rest = this.got.split_off(used);
+                    this.got = Vec::new();
+                    this.ahead = Some((rest, 0));
+                    continue;
+                }
+                Ok(None) if this.got.len() > 512 => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "relay reply too long",
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("relay reply: {e}"),
+                    )));
+                }
+            }
+            let mut chunk = [0u8; 512];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.stream).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the relay ended the stream before replying",
+                )));
+            }
+            this.got.extend_from_slice(rb.filled());
+        }
+    }
+}
+
+impl AsyncWrite for EarlyReply {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -268,6 +420,11 @@ impl Upstream for RelayUpstream {
             }
             let session = match self.session().await {
                 Ok(s) => s,
+                Err(why) if self.settings.fallback_after.is_none() => {
+                    let error =
+                        ConnectError::Rejected { why: format!("{why} (fallback_after = \"strict\")") };
+                    return Err(OpenError { labels: Some((labels, source)), error });
+                }
                 Err(why) => {
                     tracing::info!(target: "cmm_proxy::conn", dest = %req.target, "going direct: {why}");
                     return self.direct.open(req).await;

@@ -105,10 +105,16 @@ async fn relay(client: TcpStream, held: BytesMut, conn: UpstreamConn, log: &mut 
                 return format!("upstream failed: {e}");
             }
             counts.up = held.len() as u64;
-            tokio::select! {
+            let r = tokio::select! {
                 r = splice::copy_bidirectional(&mut client, &mut upstream, &mut counts, pace) => Ok(r),
                 why = lost => Err(why),
+            };
+            // The far end failed (reset, or a dial that failed after an early answer): the
+            // client is reset too rather than told the stream ended well.
+            if matches!(r, Ok(Err(TransferError::Upstream(_)))) {
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             }
+            r
         }
     };
     log.up = counts.up;

@@ -98,8 +98,10 @@ async fn setup_with(name: &str, relay_port: u16, relay_addr: Option<SocketAddr>,
     .unwrap();
     let address = relay_addr.unwrap_or(relay.local_addr());
     tokio::spawn(relay.run());
+    // `rules` may set the fallback itself (it follows the [relay] keys).
+    let fallback = if rules.contains("fallback_after") { "" } else { "fallback_after = \"1s\"\n" };
     let text = format!(
-        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\nfallback_after = \"1s\"\ngrace = \"1s\"\n\n{rules}",
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[relay]\naddress = \"{address}\"\npublic_key = \"{}\"\nkey = \"proxy.key\"\n{fallback}grace = \"1s\"\n\n{rules}",
         relay_id.public_key()
     );
     let path = dir.join("proxy.toml");
@@ -162,6 +164,20 @@ async fn with_no_relay_to_reach_new_connections_go_direct() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_fallback_refuses_rather_than_going_direct() {
+    let dest = echo_after_fin().await;
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let rules = format!("fallback_after = \"strict\"\n{RIDE_LOOPBACK}");
+    let s = setup_with("strict", dest.port(), Some(nowhere), &rules).await;
+    // It waits for a path up to `grace` (1 s here), then refuses: SOCKS5 "not allowed".
+    let (code, _) = socks_connect(s.proxy, dest).await;
+    assert_eq!(code, 2, "a strict relay setting never goes direct");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_connections_wait_out_the_grace_period_then_are_reset() {
     // A destination that answers nothing and keeps the connection.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -184,4 +200,55 @@ async fn live_connections_wait_out_the_grace_period_then_are_reset() {
     let r = tokio::time::timeout(WAIT, c.read(&mut buf)).await.expect("the client was never told");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     assert!(t0.elapsed() >= Duration::from_millis(900), "reset before the grace: {:?}", t0.elapsed());
+}
+
+/// Sends `msg`, half-closes, and reads the answer to the end.
+async fn exchange(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    c.write_all(msg).await?;
+    c.shutdown().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await.expect("an answer or an error")?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_reached_lately_is_answered_at_once_and_a_late_failure_resets() {
+    for open_early in [true, false] {
+        // An echo server that can be stopped: its port then refuses.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let _ = s.read_to_end(&mut got).await;
+                    let _ = s.write_all(b"echo: ").await;
+                    let _ = s.write_all(&got).await;
+                });
+            }
+        });
+        let rules = format!("open_early = {open_early}\n{RIDE_LOOPBACK}");
+        let s = setup_with(&format!("early-{open_early}"), dest.port(), None, &rules).await;
+        // First contact waits for the relay's answer; the next is answered at once, and its
+        // bytes (sent before the relay answered) arrive whole.
+        for round in 0..2 {
+            let (code, mut c) = socks_connect(s.proxy, dest).await;
+            assert_eq!(code, 0, "round {round}");
+            assert_eq!(exchange(&mut c, b"hello").await.unwrap(), b"echo: hello", "round {round}");
+        }
+        server.abort();
+        let _ = server.await;
+        let (code, mut c) = socks_connect(s.proxy, dest).await;
+        if open_early {
+            // Answered early, then the relay's dial failed: the client is reset.
+            assert_eq!(code, 0);
+            let e = exchange(&mut c, b"hello").await.expect_err("a reset");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+            // Forgotten as reached: the next one waits and gets the code a direct connect would.
+            let (code, _) = socks_connect(s.proxy, dest).await;
+            assert_eq!(code, 5, "SOCKS5 'connection refused'");
+        } else {
+            assert_eq!(code, 5, "SOCKS5 'connection refused'");
+        }
+    }
 }
