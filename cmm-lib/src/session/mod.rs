@@ -543,7 +543,14 @@ impl Session {
         }
         for (id, list) in per_path {
             if let Some(p) = self.paths.get_mut(&id) {
-                for c in list.into_iter().rev() {
+                // Foreground resends first; background ones ahead of queued background, but
+                // behind queued foreground (other streams' people are waiting there).
+                let (bg, fg): (Vec<Chunk>, Vec<Chunk>) = list.into_iter().partition(|c| c.background());
+                let at = p.queue.iter().position(|q| q.background()).unwrap_or(p.queue.len());
+                for c in bg.into_iter().rev() {
+                    p.queue.insert(at, c);
+                }
+                for c in fg.into_iter().rev() {
                     p.queue.push_front(c);
                 }
             }

@@ -148,13 +148,15 @@ impl PathState {
     }
 
     /// Queues a new chunk: background at the back, anything else ahead of the first queued
-    /// background chunk that is not a resend (resends go first: the peer may wait for them).
+    /// background chunk — resends of background too: a backlog moved here from a lost
+    /// network (seconds of it on cellular) must not hold up a person waiting on another
+    /// stream.
     pub fn enqueue(&mut self, c: Chunk) {
         if c.background() {
             self.queue.push_back(c);
             return;
         }
-        let at = self.queue.iter().position(|q| q.background() && !q.retransmit).unwrap_or(self.queue.len());
+        let at = self.queue.iter().position(|q| q.background()).unwrap_or(self.queue.len());
         self.queue.insert(at, c);
     }
 

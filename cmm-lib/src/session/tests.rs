@@ -608,6 +608,37 @@ fn what_a_slow_path_has_in_flight_is_copied_to_a_fast_one_that_returns() {
 }
 
 #[test]
+fn ondemand_on_another_stream_never_waits_behind_a_background_backlog_moved_to_cell() {
+    // b (the relay) sends a background download over Wi-Fi; Wi-Fi goes and its backlog moves
+    // to cellular (seconds of it at 2 Mbit/s); a person's request on another stream follows.
+    let mut sim = Sim::new(policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, far_cell(), 60 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2 && s.b.path_ids().len() == 2);
+    sim.run_for(Duration::from_secs(1));
+    let bulk = payload(1_000_000, 11);
+    let mut off = 0;
+    while off < bulk.len() {
+        off += sim.b_send_now(&bulk[off..], Labels::BACKGROUND);
+        sim.run_for(MS);
+    }
+    sim.kill(1);
+    sim.a.remove_path(1, "network went down", sim.now);
+    sim.run_for(200 * MS);
+    let id = sim.b.open_stream().unwrap();
+    let answer = payload(4096, 12);
+    assert_eq!(sim.b.send_on(id, &answer, Labels::ONDEMAND).unwrap(), answer.len());
+    let t0 = sim.now;
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.a_streams.get(&id).is_some_and(|l| l.bytes.len() == answer.len())
+    });
+    let took = sim.now - t0;
+    assert!(took < 400 * MS, "the ONDEMAND answer took {took:?} behind the background backlog");
+    sim.run_until(Duration::from_secs(60), |s| s.a_got.len() == bulk.len());
+    assert_eq!(sim.a_got, bulk);
+}
+
+#[test]
 fn a_lone_troubled_path_keeps_its_data_and_sends_it_once() {
     let mut sim = Sim::new(policy());
     sim.add_path(2, cell(), 15 * MS, 250_000);
