@@ -44,7 +44,8 @@ struct Cli {
     /// How long each Wi-Fi outage lasts.
     #[arg(long, default_value = "5s", value_parser = duration)]
     down: Duration,
-    /// Modes to run (comma-separated): cmm, cmm-unpaced, cmm-nolabels, default-route, mptcp.
+    /// Modes to run (comma-separated): cmm, cmm-unpaced, cmm-nolabels, cmm-relay,
+    /// cmm-relay-nolabels, default-route, mptcp.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Outage kinds to run (comma-separated): admin, carrier.
@@ -66,7 +67,7 @@ struct Cli {
     #[arg(long, value_enum, default_value = "both")]
     background: Background,
     /// Also write what the proxy logged in each run to `<mode>-<outage>-proxy.log` in the
-    /// output folder (set RUST_LOG for more).
+    /// output folder, and the relay `<mode>-<outage>-relay.log` (set RUST_LOG for more).
     #[arg(long)]
     proxy_logs: bool,
 }
@@ -243,10 +244,13 @@ fn run_one(mode: Mode, how: Cut, cli: &Cli) -> Result<Run, String> {
     let (fg, (down, up), restarts, series) =
         clients.join().map_err(|_| "the client threads panicked".to_string())?;
     let after = interface_bytes(&lab);
-    if cli.proxy_logs
-        && let Some(log) = setup.proxy_log()
-    {
-        write(&cli.out.join(format!("{mode}-{outage}-proxy.log")), log.as_bytes())?;
+    if cli.proxy_logs {
+        if let Some(log) = setup.proxy_log() {
+            write(&cli.out.join(format!("{mode}-{outage}-proxy.log")), log.as_bytes())?;
+        }
+        if let Some(log) = setup.relay_log() {
+            write(&cli.out.join(format!("{mode}-{outage}-relay.log")), log.as_bytes())?;
+        }
     }
     drop(setup);
     drop(servers);

@@ -21,6 +21,12 @@ pub enum Mode {
     /// cmm-proxy with no labels at all: every connection takes the default labels.
     #[serde(rename = "cmm-nolabels")]
     CmmNoLabels,
+    /// cmm-proxy riding a cmm-relay in the server's network over both uplinks at once, with
+    /// labels and pacing as in `Cmm`.
+    CmmRelay,
+    /// The same relay with no labels.
+    #[serde(rename = "cmm-relay-nolabels")]
+    CmmRelayNoLabels,
     /// No proxy: the kernel's default route (Wi-Fi preferred by metric).
     DefaultRoute,
     /// No proxy: kernel MPTCP with a subflow on each uplink ("aggregate without intent").
@@ -29,8 +35,15 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in table order.
-    pub const ALL: [Mode; 5] =
-        [Mode::Cmm, Mode::CmmUnpaced, Mode::CmmNoLabels, Mode::DefaultRoute, Mode::Mptcp];
+    pub const ALL: [Mode; 7] = [
+        Mode::Cmm,
+        Mode::CmmUnpaced,
+        Mode::CmmNoLabels,
+        Mode::CmmRelay,
+        Mode::CmmRelayNoLabels,
+        Mode::DefaultRoute,
+        Mode::Mptcp,
+    ];
 
     /// Its name on the command line and in results.
     pub fn name(self) -> &'static str {
@@ -38,6 +51,8 @@ impl Mode {
             Mode::Cmm => "cmm",
             Mode::CmmUnpaced => "cmm-unpaced",
             Mode::CmmNoLabels => "cmm-nolabels",
+            Mode::CmmRelay => "cmm-relay",
+            Mode::CmmRelayNoLabels => "cmm-relay-nolabels",
             Mode::DefaultRoute => "default-route",
             Mode::Mptcp => "mptcp",
         }
@@ -49,6 +64,8 @@ impl Mode {
             Mode::Cmm => "cmm-proxy, labels, BG paced while FG is active",
             Mode::CmmUnpaced => "cmm-proxy, labels, BG not paced",
             Mode::CmmNoLabels => "cmm-proxy, no labels",
+            Mode::CmmRelay => "cmm-proxy → cmm-relay over both uplinks, labels, BG paced",
+            Mode::CmmRelayNoLabels => "cmm-proxy → cmm-relay over both uplinks, no labels",
             Mode::DefaultRoute => "default route, no proxy",
             Mode::Mptcp => "kernel MPTCP over both uplinks",
         }
@@ -63,7 +80,15 @@ impl Mode {
     }
 
     fn uses_proxy(self) -> bool {
-        matches!(self, Mode::Cmm | Mode::CmmUnpaced | Mode::CmmNoLabels)
+        matches!(self, Mode::Cmm | Mode::CmmUnpaced | Mode::CmmNoLabels) || self.uses_relay()
+    }
+
+    fn uses_relay(self) -> bool {
+        matches!(self, Mode::CmmRelay | Mode::CmmRelayNoLabels)
+    }
+
+    fn labelled(self) -> bool {
+        !matches!(self, Mode::CmmNoLabels | Mode::CmmRelayNoLabels)
     }
 }
 
@@ -106,6 +131,8 @@ pub struct Setup {
     pub access: Access,
     /// The proxy, for the proxy modes: kept running until the setup is dropped.
     _proxy: Option<Proc>,
+    /// The relay, for the relay modes.
+    _relay: Option<Proc>,
 }
 
 impl Setup {
@@ -113,22 +140,36 @@ impl Setup {
     pub fn proxy_log(&self) -> Option<String> {
         self._proxy.as_ref().map(Proc::output)
     }
+
+    /// What the relay logged, for the relay modes.
+    pub fn relay_log(&self) -> Option<String> {
+        self._relay.as_ref().map(Proc::output)
+    }
 }
 
 /// Sets the lab up for `mode`: the proxy, or MPTCP endpoints.
 pub fn setup(lab: &Lab, mode: Mode) -> Result<Setup, String> {
     if mode.uses_proxy() {
-        let path = lab.write_file("proxy.toml", &proxy_config(mode));
-        let proxy =
-            lab.spawn(&lab.client(), workspace_bin("cmm-proxy"), &["--config", path.to_str().unwrap_or("")]);
-        proxy.wait_for_line("listening on", Duration::from_secs(30));
-        let labelled = mode != Mode::CmmNoLabels;
+        let (proxy, relay) = if mode.uses_relay() {
+            let rp = cmm_lab::relay::start_with_config(lab, &proxy_config(mode), "");
+            (rp.proxy, Some(rp.relay))
+        } else {
+            let path = lab.write_file("proxy.toml", &proxy_config(mode));
+            let proxy = lab.spawn(
+                &lab.client(),
+                workspace_bin("cmm-proxy"),
+                &["--config", path.to_str().unwrap_or("")],
+            );
+            proxy.wait_for_line("listening on", Duration::from_secs(30));
+            (proxy, None)
+        };
+        let labelled = mode.labelled();
         let access = Access::Proxy {
             proxy: PROXY.parse::<SocketAddr>().map_err(|e| e.to_string())?,
             fg_user: labelled.then(|| "ondemand".to_string()),
             bg_user: labelled.then(|| "background".to_string()),
         };
-        return Ok(Setup { access, _proxy: Some(proxy) });
+        return Ok(Setup { access, _proxy: Some(proxy), _relay: relay });
     }
     if mode == Mode::Mptcp {
         let (c, s) = (lab.client(), lab.server());
@@ -147,7 +188,7 @@ pub fn setup(lab: &Lab, mode: Mode) -> Result<Setup, String> {
                 ));
             }
         }
-        return Ok(Setup { access: Access::Mptcp, _proxy: None });
+        return Ok(Setup { access: Access::Mptcp, _proxy: None, _relay: None });
     }
-    Ok(Setup { access: Access::Direct, _proxy: None })
+    Ok(Setup { access: Access::Direct, _proxy: None, _relay: None })
 }
