@@ -14,7 +14,7 @@ use cmm_policy::{Labels, NetworkKind};
 use crate::recycle::Recycler;
 
 /// Protocol version spoken by this implementation.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// CLOSE code: the accepting side does not know the session a path joins (it lost its state);
 /// the connecting side's session ends.
 pub const CLOSE_UNKNOWN_SESSION: u8 = 1;
@@ -74,6 +74,9 @@ pub struct NetworkInfo {
     pub bandwidth_up: u64,
     /// Round-trip time in microseconds (0: unknown).
     pub rtt_us: u32,
+    /// Label bits the connecting side's policy keeps off this network (version 4): the
+    /// accepting side never sends chunks with any of them on it.
+    pub refused: u32,
 }
 
 /// A decoded frame.
@@ -273,6 +276,9 @@ impl Frame {
                 out.put_u64(network.bandwidth_down);
                 out.put_u64(network.bandwidth_up);
                 out.put_u32(network.rtt_us);
+                if *version >= 4 {
+                    out.put_u32(network.refused);
+                }
                 let name = truncate(&network.name, MAX_NAME);
                 out.put_u8(name.len() as u8);
                 out.put_slice(name.as_bytes());
@@ -455,6 +461,7 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
             let bandwidth_down = f.u64()?;
             let bandwidth_up = f.u64()?;
             let rtt_us = f.u32()?;
+            let refused = if version >= 4 { f.u32()? } else { 0 };
             let name_len = f.u8()? as usize;
             need("HELLO", name_len <= MAX_NAME)?;
             f.exactly(name_len)?;
@@ -466,7 +473,7 @@ pub fn decode_payload(code: u8, p: Bytes) -> Result<Frame, FrameError> {
                 path,
                 join,
                 proof,
-                network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us },
+                network: NetworkInfo { name, kind, metered, bandwidth_down, bandwidth_up, rtt_us, refused },
             })
         }
         kind::WELCOME => {
@@ -682,6 +689,7 @@ mod tests {
                 bandwidth_down: 50_000_000,
                 bandwidth_up: 10_000_000,
                 rtt_us: 20_000,
+                refused: 0x8,
             },
         });
         roundtrip(Frame::Welcome { version: VERSION, session: SessionId([1; 16]), path: 9, secret: [4; 32] });

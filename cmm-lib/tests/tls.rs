@@ -155,6 +155,7 @@ impl RawPath {
                 bandwidth_down: 0,
                 bandwidth_up: 0,
                 rtt_us: 0,
+                refused: 0,
             },
         };
         let mut out = bytes::BytesMut::new();

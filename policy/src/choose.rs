@@ -222,6 +222,9 @@ impl Policy {
                 Some(format!("{} does not fit {}", n.kind, labels.restrictions()))
             } else if n.metered && !metered_ok {
                 Some("metered".to_string())
+            } else if n.refused.intersects(labels) {
+                let both = Labels::from_bits(n.refused.bits() & labels.bits()).unwrap_or(n.refused);
+                Some(format!("the peer's policy keeps {both} off it"))
             } else {
                 match list {
                     None => {

@@ -1,5 +1,6 @@
 //! [`Network`]: one way out of this machine, as the scout sees it and the chooser ranks it.
 
+use crate::labels::Labels;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -160,6 +161,10 @@ pub struct Network {
     pub queueing: Duration,
     /// Preference rank: lower is preferred when everything else is equal.
     pub rank: u32,
+    /// Labels that must never be sent on it: the other end's policy keeps them off this
+    /// network (a multi-socket peer says so in its HELLO, so that a relay honours the label
+    /// policy of the proxy it serves).
+    pub refused: Labels,
 }
 
 impl Network {
@@ -180,6 +185,7 @@ impl Network {
             trickle: Trickle::default(),
             queueing: Duration::ZERO,
             rank: 0,
+            refused: Labels::NONE,
         }
     }
 

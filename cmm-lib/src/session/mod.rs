@@ -344,7 +344,7 @@ impl Session {
                 path: id,
                 join: self.ever_established,
                 proof,
-                network: info_from_network(&p.network),
+                network: info_from_network(&p.network, &self.policy),
             }
             .encode(&mut p.control),
             Role::Accepting => {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cmm_policy::{Figures, Network};
+use cmm_policy::{Decision, Figures, Labels, Network, Policy};
 
 use super::SessionConfig;
 use super::send::Chunk;
@@ -211,6 +211,7 @@ pub fn network_from_info(info: &NetworkInfo, path: PathId) -> Network {
     let mut n = Network::new(&info.name, &format!("{}#{path}", info.name), info.kind);
     n.metered = info.metered;
     let opt = |v: u64| (v != 0).then_some(v);
+    n.refused = refused_from_bits(info.refused);
     n.declared = Figures {
         // The peer's down is our up, and the other way round.
         bandwidth_down: opt(info.bandwidth_up),
@@ -220,10 +221,30 @@ pub fn network_from_info(info: &NetworkInfo, path: PathId) -> Network {
     n
 }
 
-/// How the connecting side describes one of its networks in HELLO.
-pub fn info_from_network(n: &Network) -> NetworkInfo {
+/// The labels whose policy a peer applies across the session: the four traffic labels
+/// (the network restrictions follow from each network's kind on both sides alike).
+const POLICY_LABELS: [Labels; 4] = [Labels::ONDEMAND, Labels::BACKGROUND, Labels::SMALL, Labels::LARGE];
+
+/// The refused labels a HELLO names, keeping the known ones only.
+fn refused_from_bits(bits: u32) -> Labels {
+    POLICY_LABELS
+        .iter()
+        .filter(|l| bits & l.bits() != 0)
+        .fold(Labels::NONE, |acc, &l| acc.union(l).unwrap_or(acc))
+}
+
+/// How the connecting side describes one of its networks in HELLO, with the labels its
+/// `policy` keeps off that network (so the accepting side sends none of them there).
+pub fn info_from_network(n: &Network, policy: &Policy) -> NetworkInfo {
     let (down, up, rtt) = n.figures();
+    let mut alone = n.clone();
+    alone.up = true;
+    let refused = POLICY_LABELS
+        .iter()
+        .filter(|&&l| !matches!(policy.choose(l, std::slice::from_ref(&alone)), Decision::Use { .. }))
+        .fold(0, |acc, l| acc | l.bits());
     NetworkInfo {
+        refused,
         name: n.name.clone(),
         kind: n.kind,
         metered: n.metered,

@@ -639,6 +639,33 @@ fn ondemand_on_another_stream_never_waits_behind_a_background_backlog_moved_to_c
 }
 
 #[test]
+fn the_accepting_side_keeps_labels_off_networks_the_connecting_sides_policy_refuses() {
+    // a (the proxy) keeps background off metered cellular; b (the relay) has no such policy
+    // of its own, and learns it from a's HELLO.
+    let mut sim = Sim::new(strict_policy());
+    sim.b = Session::new(Role::Accepting, sim.a.id(), SessionConfig::default(), policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2 && s.b.path_ids().len() == 2);
+    let data = payload(300_000, 13);
+    let n = sim.b_send_now(&data, Labels::BACKGROUND);
+    sim.run_for(10 * MS);
+    sim.kill(1);
+    sim.a.remove_path(1, "network went down", sim.now);
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(path_bytes(&sim.b, "cell"), 0, "background went over the metered cell");
+    assert!(sim.a_got.len() < n);
+    // ONDEMAND is not refused there.
+    let id = sim.b.open_stream().unwrap();
+    sim.b.send_on(id, b"answer", Labels::ONDEMAND).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.a_streams.get(&id).is_some_and(|l| l.bytes == b"answer"));
+    // Wi-Fi returns: the background waited, nothing lost.
+    sim.add_path(3, wifi(), 20 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(30), |s| s.a_got.len() == n);
+    assert_eq!(sim.a_got, data[..n]);
+}
+
+#[test]
 fn a_lone_troubled_path_keeps_its_data_and_sends_it_once() {
     let mut sim = Sim::new(policy());
     sim.add_path(2, cell(), 15 * MS, 250_000);
@@ -856,7 +883,7 @@ fn bad_input_is_an_error_for_that_path_only() {
         path: 5,
         join: false,
         proof: [0; 32],
-        network: info_from_network(&wifi()),
+        network: info_from_network(&wifi(), &Policy::default()),
     }
     .encode(&mut out);
     assert!(matches!(fresh.handle_input(5, &out, now), Err(SessionError::Protocol(_))));
@@ -873,7 +900,7 @@ fn bad_input_is_an_error_for_that_path_only() {
         path: 5,
         join: false,
         proof: [0; 32],
-        network: info_from_network(&wifi()),
+        network: info_from_network(&wifi(), &Policy::default()),
     }
     .encode(&mut out);
     d.push(&out);
