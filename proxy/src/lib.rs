@@ -49,7 +49,14 @@ impl Proxy {
         let connector = Connector::new(scout, Arc::new(config.policy.clone()), config.proxy.connect_timeout);
         let direct = upstream::DirectUpstream::new(connector.clone(), Arc::new(config.rules.clone()));
         let upstream: Arc<dyn upstream::Upstream> = match &config.relay {
-            Some(settings) => Arc::new(relay::RelayUpstream::new(direct, connector, settings.clone())?),
+            Some(settings) => {
+                let relay = Arc::new(relay::RelayUpstream::new(direct, connector, settings.clone())?);
+                // The session opens now, not with the first connection, which then needs no
+                // handshake over the uplink (a failure here is retried by that connection).
+                let warm = relay.clone();
+                tokio::spawn(async move { warm.warm_up().await });
+                relay
+            }
             None => Arc::new(direct),
         };
         let listeners = server::bind(&config).await?;

@@ -176,6 +176,14 @@ impl RelayUpstream {
         Ok(session)
     }
 
+    /// Opens the session ahead of the first connection; why it could not is logged (each
+    /// connection tries again).
+    pub async fn warm_up(&self) {
+        if let Err(why) = self.session().await {
+            tracing::info!("relay session not opened yet: {why}");
+        }
+    }
+
     /// Whether `req` rides the relay, and its labels.
     fn route(&self, req: &UpstreamRequest) -> (Labels, crate::upstream::LabelSource, Via) {
         let addrs: Vec<SocketAddr> = match &req.target.host {

@@ -67,6 +67,10 @@ const MAX_REMEMBERED_LOSSES: usize = 64;
 /// The receive window every session starts with, before the peer's first ACK widens it.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
 
+/// Room in the send buffer and the session window that background streams leave to the
+/// others (see `Session::session_room`).
+pub const FOREGROUND_RESERVE: usize = 256 * 1024;
+
 /// Tunables of a session. The defaults suit links from 1 Mbit/s to loopback.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -684,13 +688,26 @@ impl Session {
     fn room_or_block(&mut self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
         let r = self.send_room_on(id, labels);
         // Blocked by the session (its own window's MAX_STREAM_DATA wakes a stream otherwise).
-        if r == Err(SendError::Full) && self.tx.room() == 0 && !self.blocked.contains(&id) {
+        if r == Err(SendError::Full) && self.session_room(labels) == 0 && !self.blocked.contains(&id) {
             self.blocked.push_back(id);
         }
         r
     }
 
     /// How much stream `id` takes now with `labels`, or why nothing.
+    /// What the send buffer and the session window take now from a stream with `labels`:
+    /// background leaves [`FOREGROUND_RESERVE`] of both to everything else, so bytes that
+    /// wait for a network background may use (Wi-Fi, while it is away) never leave a
+    /// person's request without room.
+    fn session_room(&self, labels: Labels) -> usize {
+        let room = self.tx.room();
+        if labels.is_background() {
+            room.saturating_sub(FOREGROUND_RESERVE.min(self.cfg.send_buffer / 4))
+        } else {
+            room
+        }
+    }
+
     fn send_room_on(&self, id: StreamId, labels: Labels) -> Result<usize, SendError> {
         self.check_open()?;
         if self.retired(id) {
@@ -704,7 +721,7 @@ impl Session {
             return Err(SendError::Shutdown);
         }
         self.path_for(labels).ok_or(SendError::NoNetwork)?;
-        let room = self.tx.room().min(s.send.room());
+        let room = self.session_room(labels).min(s.send.room());
         if room == 0 {
             return Err(SendError::Full);
         }

@@ -666,6 +666,36 @@ fn the_accepting_side_keeps_labels_off_networks_the_connecting_sides_policy_refu
 }
 
 #[test]
+fn background_waiting_for_wifi_never_takes_the_room_a_request_needs() {
+    // Background may not use metered cellular: when Wi-Fi goes, what it had accepted waits,
+    // counting against the session window; a person's request must still get through.
+    let mut sim = Sim::new(strict_policy());
+    sim.add_path(1, wifi(), 20 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.established() == 2 && s.b.path_ids().len() == 2);
+    // Background streams take all they may (each its stream window) until the session has
+    // no room left for them.
+    let bulk = payload(4_000_000, 14);
+    let mut taken = 0;
+    for _ in 0..64 {
+        let s = sim.a.open_stream().unwrap();
+        match sim.a.send_on(s, &bulk, Labels::BACKGROUND) {
+            Ok(k) => taken += k,
+            Err(_) => break,
+        }
+    }
+    assert!(taken > 0);
+    sim.kill(1);
+    sim.a.remove_path(1, "network went down", sim.now);
+    let id = sim.a.open_stream().unwrap();
+    let request = payload(4096, 15);
+    assert_eq!(sim.a.send_on(id, &request, Labels::ONDEMAND), Ok(request.len()), "{}", sim.a.debug_summary());
+    let t0 = sim.now;
+    sim.run_until(Duration::from_secs(5), |s| s.b_streams.get(&id).is_some_and(|l| l.bytes == request));
+    assert!(sim.now - t0 < 500 * MS, "the request took {:?}", sim.now - t0);
+}
+
+#[test]
 fn a_lone_troubled_path_keeps_its_data_and_sends_it_once() {
     let mut sim = Sim::new(policy());
     sim.add_path(2, cell(), 15 * MS, 250_000);
