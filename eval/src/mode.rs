@@ -152,6 +152,8 @@ pub fn setup(lab: &Lab, mode: Mode) -> Result<Setup, String> {
     if mode.uses_proxy() {
         let (proxy, relay) = if mode.uses_relay() {
             let rp = cmm_lab::relay::start_with_config(lab, &proxy_config(mode), "");
+            // The experiment measures an open session (the proxy opens it at start).
+            rp.proxy.wait_for_line("session with the relay opened", Duration::from_secs(30));
             (rp.proxy, Some(rp.relay))
         } else {
             let path = lab.write_file("proxy.toml", &proxy_config(mode));

@@ -38,7 +38,8 @@ fn a_smoke_run_measures_every_mode_and_writes_json_table_and_plot() {
         serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).expect("results.json"))
             .expect("results.json is JSON");
     let runs = json["runs"].as_array().expect("runs");
-    let modes = ["cmm", "cmm-unpaced", "cmm-nolabels", "default-route", "mptcp"];
+    let modes =
+        ["cmm", "cmm-unpaced", "cmm-nolabels", "cmm-relay", "cmm-relay-nolabels", "default-route", "mptcp"];
     for outage in ["admin", "carrier"] {
         for mode in modes {
             let run = runs
