@@ -38,6 +38,12 @@ async fn echo_after_fin() -> SocketAddr {
     addr
 }
 
+/// A loopback address where nothing listens (connects are refused).
+fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// A SOCKS5 CONNECT to `dest` through `proxy`: the reply code and, when 0, the stream.
 async fn socks_connect(proxy: SocketAddr, dest: SocketAddr) -> (u8, TcpStream) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
@@ -134,10 +140,7 @@ async fn socks5_connections_ride_the_relay_with_the_replies_of_direct_mode() {
     let (code, _) = socks_connect(s.proxy, other).await;
     assert_eq!(code, 2, "SOCKS5 'not allowed by ruleset'");
     // A closed port (allowed by the relay): refused, as direct.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = closed_port();
     let s2 = setup("refused", closed.port(), None).await;
     let (code, _) = socks_connect(s2.proxy, closed).await;
     assert_eq!(code, 5, "SOCKS5 'connection refused'");
@@ -147,10 +150,7 @@ async fn socks5_connections_ride_the_relay_with_the_replies_of_direct_mode() {
 async fn with_no_relay_to_reach_new_connections_go_direct() {
     let dest = echo_after_fin().await;
     // Nothing listens where the relay should be.
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let nowhere = closed_port();
     let s = setup("fallback", dest.port(), Some(nowhere)).await;
     let start = std::time::Instant::now();
     let (code, mut c) = socks_connect(s.proxy, dest).await;
@@ -166,10 +166,7 @@ async fn with_no_relay_to_reach_new_connections_go_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strict_fallback_refuses_rather_than_going_direct() {
     let dest = echo_after_fin().await;
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let nowhere = closed_port();
     let rules = format!("fallback_after = \"strict\"\n{RIDE_LOOPBACK}");
     let s = setup_with("strict", dest.port(), Some(nowhere), &rules).await;
     // It waits for a path up to `grace` (1 s here), then refuses: SOCKS5 "not allowed".
