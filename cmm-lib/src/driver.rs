@@ -136,7 +136,7 @@ fn lock_tls(t: &TlsSession) -> MutexGuard<'_, rustls::Connection> {
 /// Counters that say whether waiting application calls should look again.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Progress {
-    /// Grows when bytes, the end of stream or a close arrive.
+    /// Grows when chunks (bytes, a new stream, the end of one), or a close arrive.
     received: (u64, bool, bool),
     /// Grows when the peer acknowledges something.
     acked: (usize, bool),
@@ -145,7 +145,7 @@ struct Progress {
 impl Progress {
     fn of(s: &Session) -> Progress {
         Progress {
-            received: (s.received_bytes(), s.read_closed(), s.closed().is_some()),
+            received: (s.arrivals(), s.read_closed(), s.closed().is_some()),
             acked: (s.acked_count(), s.all_acked()),
         }
     }

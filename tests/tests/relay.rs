@@ -3,12 +3,15 @@
 //! the relay survives Wi-Fi going away mid-transfer — admin down, carrier loss, a silent
 //! blackhole — with every byte identical.
 
+use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cmm_lab::download::Download;
 use cmm_lab::relay::RelayProxy;
-use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, Uplink, pattern, workspace_bin};
+use cmm_lab::{Cut, HTTP_PORT, Lab, Proc, SERVER, SINK_PORT, Uplink, pattern, socks, workspace_bin};
 
 const README: &str = include_str!("../../README.md");
 
@@ -153,4 +156,82 @@ fn a_download_through_the_relay_survives_wifi_going_away_mid_transfer() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.2.0.2", "SMALL did not go direct over cell");
     let line = p.proxy.wait_for_lines("outcome=", 4, Duration::from_secs(10)).pop().unwrap();
     assert!(line.contains("network=cell0"), "{line}");
+}
+
+/// `curl` through the proxy with `labels` for a few bytes from the lab server; its output.
+fn fetch_small(lab: &Lab, labels: &str, max_time: &str) -> std::process::Output {
+    lab.run(
+        &lab.client(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            max_time,
+            "-x",
+            &format!("socks5h://{labels}@127.0.0.1:1080"),
+            &format!("http://{SERVER}:{HTTP_PORT}/bytes/1000"),
+        ],
+    )
+}
+
+/// Background kept off the metered cellular link waits for Wi-Fi when Wi-Fi goes; the
+/// bytes of it that Wi-Fi lost leave a gap in the session that only Wi-Fi can fill. A
+/// connection the user waits for, made meanwhile over cellular, must not wait for that gap
+/// (it did: the relay noticed new streams only when the session's bytes arrived in order).
+#[test]
+fn an_ondemand_connection_is_served_over_cellular_while_background_waits_for_wifi() {
+    let test = "an_ondemand_connection_is_served_over_cellular_while_background_waits_for_wifi";
+    let Some(lab) = Lab::new(test) else { return };
+    let _servers = lab.start_servers();
+    let settings = "[proxy]\nlisten = [\"127.0.0.1:1080\"]\nconnect_timeout = \"3s\"\n\n[label.background]\nmetered = false\n";
+    let RelayProxy { relay, proxy } = cmm_lab::relay::start(&lab, settings, "");
+    let warm = fetch_small(&lab, "ondemand", "30");
+    assert!(warm.status.success(), "{}\nproxy:\n{}", String::from_utf8_lossy(&warm.stderr), proxy.output());
+    // A background upload to the sink, as fast as Wi-Fi takes it.
+    let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let upload = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        lab.in_namespace(&lab.client(), move || {
+            let proxy = "127.0.0.1:1080".parse().unwrap();
+            let mut s = socks::request(proxy, Some("background"), socks::CONNECT, SERVER, SINK_PORT)
+                .expect("socks")
+                .expect("connect");
+            s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+            let buf = vec![0x5au8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match s.write(&buf) {
+                    Ok(n) => _ = sent.fetch_add(n as u64, Ordering::Relaxed),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(())
+        })
+    };
+    let t0 = Instant::now();
+    while sent.load(Ordering::Relaxed) < 8_000_000 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the upload never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lab.cut(Uplink::Wifi, Cut::Admin);
+    std::thread::sleep(Duration::from_millis(500));
+    // Wi-Fi stays away for all of this: each request is served over cellular or not at all.
+    let outs: Vec<_> = (0..3).map(|_| fetch_small(&lab, "ondemand", "15")).collect();
+    lab.restore(Uplink::Wifi, Cut::Admin);
+    stop.store(true, Ordering::Relaxed);
+    let upload = upload.join().unwrap();
+    for out in &outs {
+        assert!(
+            out.status.success() && out.stdout.len() == 1000,
+            "an ONDEMAND request failed while Wi-Fi was down: {}\nproxy:\n{}\nrelay:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            proxy.output(),
+            relay.output()
+        );
+    }
+    assert_eq!(upload, Ok(()), "the background upload failed");
 }

@@ -217,6 +217,8 @@ pub struct Session {
     waiting: BTreeMap<u64, Chunk>,
     /// Which of the peer's sequence numbers arrived (what ACKs say).
     received: Received,
+    /// Reliable chunks that arrived new, in order or not.
+    arrivals: u64,
     /// The session window last advertised (the first sequence number the peer may not use).
     advertised: u64,
     /// Stream bytes the application has read, all streams, and when the session window was
@@ -268,6 +270,7 @@ impl Session {
             tx: SendBuffer::new(cfg.send_buffer, INITIAL_WINDOW),
             waiting: BTreeMap::new(),
             received: Received::default(),
+            arrivals: 0,
             advertised: INITIAL_WINDOW,
             consumed: 0,
             last_window_update: 0,
@@ -775,9 +778,12 @@ impl Session {
         self.tx.unacked_bytes()
     }
 
-    /// How far the peer's frames have arrived (grows as data arrives, not as it is read).
-    pub fn received_bytes(&self) -> u64 {
-        self.received.cumulative()
+    /// Grows whenever a chunk arrives that was not here before, in order or not (not as it
+    /// is read): a new stream or new bytes of one may be readable. (Streams are independent,
+    /// so bytes above a gap in the session's sequence, which only a slower path may fill, can
+    /// be readable at once.)
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals
     }
 
     /// Grows whenever sending may go further: a chunk acknowledged, or credit granted.
@@ -1157,6 +1163,7 @@ impl Session {
         if !self.received.insert(seq, end) {
             return Ok(());
         }
+        self.arrivals += 1;
         if let Some(p) = self.paths.get_mut(&id) {
             p.data_since_ack += 1;
             if p.data_since_ack >= ACK_EVERY {

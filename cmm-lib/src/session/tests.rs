@@ -778,6 +778,40 @@ fn data_whose_labels_forbid_every_remaining_path_waits_for_one() {
 }
 
 #[test]
+fn a_stream_opened_above_a_gap_only_a_lost_path_can_fill_is_readable_and_announced() {
+    // Background (kept off metered cell) was in flight on Wi-Fi when it went: its sequence
+    // numbers stay missing at b until Wi-Fi returns. A stream a opens meanwhile on cell must
+    // be accepted and read at once, and `arrivals` (what wakes b's waiting application
+    // calls) must grow although the session's in-order point does not move.
+    let mut sim = Sim::new(strict_policy());
+    sim.add_path(1, wifi(), 40 * MS, 6_250_000);
+    sim.add_path(2, cell(), 15 * MS, 250_000);
+    sim.run_until(Duration::from_secs(1), |s| s.a.path_for(Labels::BACKGROUND) == Some(1));
+    sim.b_reads = false;
+    let bulk = payload(300_000, 13);
+    sim.send_all(&bulk, Labels::BACKGROUND, Duration::from_secs(10));
+    sim.run_for(10 * MS);
+    sim.kill(1);
+    sim.a.remove_path(1, "network went down", sim.now);
+    sim.run_for(500 * MS);
+    let (arrivals, in_order) = (sim.b.arrivals(), sim.b.received.cumulative());
+    let id = sim.a.open_stream().unwrap();
+    let request = payload(4096, 14);
+    assert_eq!(sim.a.send_on(id, &request, Labels::ONDEMAND), Ok(request.len()));
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.b_streams.get(&id).is_some_and(|l| l.bytes.len() == request.len())
+    });
+    assert_eq!(sim.b_streams[&id].bytes, request);
+    assert_eq!(sim.b.received.cumulative(), in_order, "the gap is still there");
+    assert!(sim.b.arrivals() > arrivals, "b's waiters would not be woken for the new stream");
+    // Wi-Fi returns: the gap fills, everything once.
+    sim.b_reads = true;
+    sim.add_path(3, wifi(), 40 * MS, 6_250_000);
+    sim.run_until(Duration::from_secs(60), |s| s.got.len() == bulk.len());
+    assert_eq!(sim.got, bulk);
+}
+
+#[test]
 fn a_backlog_on_a_slow_path_moves_when_a_fast_one_returns() {
     let mut sim = Sim::new(policy());
     sim.add_path(1, wifi(), 40 * MS, 6_250_000);
