@@ -249,3 +249,83 @@ async fn a_destination_reached_lately_is_answered_at_once_and_a_late_failure_res
         }
     }
 }
+
+/// A one-shot HTTP server: answers every request `200` with `hello`, then closes.
+async fn hello_http() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `request` to the proxy and reads until the proxy closes or the head of a CONNECT
+/// answer is complete (`connect`): the status and what came with it.
+async fn http_exchange(proxy: SocketAddr, request: &str, connect: bool) -> (u16, TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    let done = |got: &[u8]| connect && got.windows(4).any(|w| w == b"\r\n\r\n");
+    while !done(&got) {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await.unwrap() {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, s, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_ride_the_relay_with_the_statuses_of_direct_mode() {
+    let dest = echo_after_fin().await;
+    let s = setup("http", dest.port(), None).await;
+    // CONNECT through the relay: a half-closed upload gets its whole answer.
+    let (status, mut c, _) =
+        http_exchange(s.proxy, &format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n"), true).await;
+    assert_eq!(status, 200);
+    c.write_all(b"through the relay").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(answer, b"echo: through the relay");
+    // A port the relay may not connect to: its refusal is the answer (503, the policy's
+    // refusal), so the connection did ride the relay.
+    let other = echo_after_fin().await;
+    let (status, _, _) =
+        http_exchange(s.proxy, &format!("CONNECT {other} HTTP/1.1\r\nHost: {other}\r\n\r\n"), true).await;
+    assert_eq!(status, 503);
+    // Absolute-form GET through the relay.
+    let web = hello_http().await;
+    let s2 = setup("http-get", web.port(), None).await;
+    let get = format!("GET http://{web}/ HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n");
+    let (status, _, got) = http_exchange(s2.proxy, &get, false).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    assert!(got.ends_with(b"hello"), "{}", String::from_utf8_lossy(&got));
+    // A closed port: 502, as direct.
+    let closed = closed_port();
+    let s3 = setup("http-refused", closed.port(), None).await;
+    let (status, _, got) =
+        http_exchange(s3.proxy, &format!("CONNECT {closed} HTTP/1.1\r\nHost: {closed}\r\n\r\n"), true).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&got));
+    let get = format!("GET http://{closed}/ HTTP/1.1\r\nHost: {closed}\r\nConnection: close\r\n\r\n");
+    let (status, _, _) = http_exchange(s3.proxy, &get, false).await;
+    assert_eq!(status, 502);
+}
