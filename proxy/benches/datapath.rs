@@ -3,11 +3,15 @@
 //!
 //! Run: `cargo bench -p cmm-proxy --bench datapath` (add `-- --quick` for a short run, and
 //! `-- --compare NAME=ADDR` to measure another SOCKS5 server, e.g. dante, with the same
-//! clients). The proxy runs in this process on its own 2-thread runtime; clients are plain
-//! blocking threads, as curl or a browser would be.
+//! clients, or `-- --relay` for proxy → relay: throughput, CPU per Gbit and memory per idle
+//! relayed connection, each side's own). The proxy runs in this process on its own 2-thread
+//! runtime (the relay, with `--relay`, in a process of its own); clients are plain blocking
+//! threads, as curl or a browser would be.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +23,10 @@ use cmm_scout::Scout;
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-relay") {
+        serve_relay(Path::new(&args[i + 1]));
+        return;
+    }
     let secs = if quick { 1.0 } else { 4.0 };
 
     let source = start_source();
@@ -36,28 +44,7 @@ fn main() {
     let direct = throughput(|| TcpStream::connect(source).unwrap(), secs);
     println!("one stream, direct: {direct:.1} Gbit/s");
     if args.iter().any(|a| a == "--relay") {
-        let via = start_relayed_proxy();
-        let cpu0 = cpu_seconds();
-        let t0 = Instant::now();
-        let t = throughput(|| socks_connect(via, source), secs);
-        let cpu = cpu_seconds() - cpu0;
-        let gbits = t * t0.elapsed().as_secs_f64();
-        println!(
-            "one stream, cmm-proxy -> cmm-relay (TLS 1.3, one session over two loopback paths): {t:.2} Gbit/s, \
-             {:.2} CPU-seconds per Gbit (client, proxy, relay and source together)",
-            cpu / gbits
-        );
-        let idle = 500;
-        let held = start_idle_sink();
-        let rss0 = rss_kib();
-        let conns: Vec<TcpStream> = (0..idle).map(|_| socks_connect(via, held)).collect();
-        std::thread::sleep(Duration::from_millis(500));
-        let per = (rss_kib() - rss0) as f64 / idle as f64;
-        println!(
-            "{idle} idle relayed connections: {per:.1} KiB of memory each (proxy, relay, both sockets' \
-             user space and the client's and destination's sockets together)"
-        );
-        drop(conns);
+        relayed(source, secs);
         return;
     }
     for (name, addr) in &servers {
@@ -202,35 +189,91 @@ fn conn_rate(workers: usize, secs: f64, one: impl Fn() + Send + Sync + Copy + 's
     done.load(Ordering::Relaxed) as f64 / elapsed
 }
 
-/// A relay and a proxy whose loopback traffic rides it (each on its own 2-thread runtime, as
-/// two programs would be), the proxy's two "networks" both bound to `lo`.
-fn start_relayed_proxy() -> SocketAddr {
+/// The `--relay` figures: one stream's throughput through proxy → relay and CPU per Gbit,
+/// then memory per idle relayed connection, on each side. The relay runs in a process of its
+/// own (this program again, with `--serve-relay`), so each side's memory and CPU are its own.
+fn relayed(source: SocketAddr, secs: f64) {
+    let (via, relay) = start_relayed_proxy();
+    let relay_pid = relay.id();
+    let _kill = KillOnDrop(relay);
+    let (cpu0, rcpu0) = (cpu_seconds(std::process::id()), cpu_seconds(relay_pid));
+    let t0 = Instant::now();
+    let t = throughput(|| socks_connect(via, source), secs);
+    let (cpu, rcpu) = (cpu_seconds(std::process::id()) - cpu0, cpu_seconds(relay_pid) - rcpu0);
+    let gbits = t * t0.elapsed().as_secs_f64();
+    println!(
+        "one stream, cmm-proxy -> cmm-relay (TLS 1.3, one session over two loopback paths): {t:.2} Gbit/s; \
+         CPU-seconds per Gbit: relay {:.2}, proxy with client and source {:.2}",
+        rcpu / gbits,
+        cpu / gbits
+    );
+    let idle = 1000;
+    let held = start_idle_sink();
+    let (rss0, rrss0) = (rss_kib(std::process::id()), rss_kib(relay_pid));
+    let conns: Vec<TcpStream> = (0..idle).map(|_| socks_connect(via, held)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let per = (rss_kib(std::process::id()) - rss0) as f64 / idle as f64;
+    let rper = (rss_kib(relay_pid) - rrss0) as f64 / idle as f64;
+    println!(
+        "{idle} idle relayed connections, memory each: relay {rper:.1} KiB, proxy {per:.1} KiB \
+         (the proxy's process also holds the clients' and the destination's sockets)"
+    );
+    drop(conns);
+}
+
+/// Kills the relay's process when the benchmark ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--serve-relay DIR`: the relay's process. Serves with `DIR/relay.key`, allowing the key in
+/// `DIR/proxy.pub`; prints its address, then serves until killed.
+fn serve_relay(dir: &Path) {
+    use cmm::tls::{Identity, PublicKey};
+    let identity = Identity::from_text(&std::fs::read_to_string(dir.join("relay.key")).unwrap()).unwrap();
+    let allowed: PublicKey = std::fs::read_to_string(dir.join("proxy.pub")).unwrap().trim().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let relay = cmm_relay::Relay::bind(cmm_relay::RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            identity,
+            allowed: vec![allowed],
+            destinations: cmm_relay::Destinations::default(),
+            connect_timeout: Duration::from_secs(5),
+            half_close_timeout: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+        println!("{}", relay.local_addr());
+        relay.run().await.unwrap();
+    })
+}
+
+/// A relay (its own process) and a proxy (on a 2-thread runtime in this one) whose loopback
+/// traffic rides it, the proxy's two "networks" both bound to `lo`.
+fn start_relayed_proxy() -> (SocketAddr, Child) {
     use cmm::tls::Identity;
     use cmm::{Network, NetworkKind};
     let (relay_id, proxy_id) = (Identity::generate().unwrap(), Identity::generate().unwrap());
     let dir = std::env::temp_dir().join(format!("cmm-bench-relay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("proxy.key"), proxy_id.to_text()).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (rid, allowed) = (relay_id.clone(), proxy_id.public_key());
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let relay = cmm_relay::Relay::bind(cmm_relay::RelayConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                identity: rid,
-                allowed: vec![allowed],
-                destinations: cmm_relay::Destinations::default(),
-                connect_timeout: Duration::from_secs(5),
-                half_close_timeout: Duration::from_secs(600),
-            })
-            .await
-            .unwrap();
-            tx.send(relay.local_addr()).unwrap();
-            relay.run().await.unwrap();
-        })
-    });
-    let relay_addr = rx.recv().unwrap();
+    std::fs::write(dir.join("relay.key"), relay_id.to_text()).unwrap();
+    std::fs::write(dir.join("proxy.pub"), proxy_id.public_key().to_string()).unwrap();
+    let mut relay = Command::new(std::env::current_exe().unwrap())
+        .arg("--serve-relay")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the relay's process");
+    let mut line = String::new();
+    BufReader::new(relay.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let relay_addr: SocketAddr = line.trim().parse().expect("the relay's address");
     let text = format!(
         "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 100000\n\n[relay]\naddress = \"{relay_addr}\"\n\
          public_key = \"{}\"\nkey = \"proxy.key\"\n\n[[rule]]\ncidr = \"127.0.0.0/8\"\nlabels = \"background\"\nvia = \"relay\"\n",
@@ -255,7 +298,7 @@ fn start_relayed_proxy() -> SocketAddr {
             proxy.serve(std::future::pending()).await;
         })
     });
-    rx.recv().unwrap()
+    (rx.recv().unwrap(), relay)
 }
 
 /// A server that accepts connections and keeps them, silent.
@@ -271,9 +314,9 @@ fn start_idle_sink() -> SocketAddr {
     addr
 }
 
-/// This process's CPU time (user + system), from /proc.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// Process `pid`'s CPU time (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -281,9 +324,9 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// This process's resident memory in KiB.
-fn rss_kib() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Process `pid`'s resident memory in KiB.
+fn rss_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
