@@ -984,13 +984,17 @@ async fn write_loop(
     notify: Arc<Notify>,
     tls: Option<TlsSession>,
 ) {
-    // How much to hand the kernel at a time: about 50 ms of the link, so that what is written
-    // is on its way soon. Anything not written yet stays in the session, where it can still be
-    // moved to another path (a resend never queues behind seconds of backlog).
+    // How much to hand the kernel beyond what is in flight: about 10 ms of the link, so that
+    // what is written is on its way soon. Anything not written yet stays in the session, where
+    // it can still be moved to another path (a resend never queues behind seconds of backlog)
+    // and where ONDEMAND goes ahead of BACKGROUND. The kernel sends its unsent bytes at the
+    // congestion window's pace, far below the link's while the window is small (after idle,
+    // in slow start): 50 ms of the link's rate held a request 2-3 round trips behind the
+    // background that started with it.
     let lowat = {
         let st = sock.lock();
         let rate = st.session.path_network(id).map_or(0, |n| n.bandwidth_up());
-        ((rate / 8 / 20) as usize).clamp(MIN_LOWAT, NOTSENT_LOWAT as usize)
+        ((rate / 8 / 100) as usize).clamp(MIN_LOWAT, NOTSENT_LOWAT as usize)
     };
     let _ = SockRef::from(wr.as_ref()).set_tcp_notsent_lowat(lowat as u32);
     let mut batch: Vec<Transmit> = Vec::with_capacity(16);
