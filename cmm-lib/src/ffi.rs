@@ -7,7 +7,12 @@
 //! - Calls block like socket calls (a send waits for a network up to the label policy's maximum
 //!   wait), except that a send or check with a resume handler returns `CMM_DEFERRED` at once
 //!   when no network fits; the thunk then runs on a library thread when one does, and owns its
-//!   argument. Otherwise the caller keeps the argument. `MSG_DONTWAIT` makes a call non-blocking.
+//!   argument. Otherwise the caller keeps the argument. `MSG_DONTWAIT`, or `O_NONBLOCK` set on
+//!   the descriptor with fcntl (or `SOCK_NONBLOCK`), makes a call non-blocking (`EAGAIN`).
+//!   Reads honour `MSG_PEEK` and `MSG_WAITALL` and write the application's buffer only through
+//!   its pointer (it may be uninitialised).
+//! - On a descriptor that is not a multi-socket (nor a listener given to `cmm_listen`) each
+//!   call is the plain system call, as in libcmm; labels read back as 0.
 //! - Failures return -1 (`CMM_FAILED`) and set `errno` as socket calls do; an unknown descriptor
 //!   is `EBADF`. No panic crosses the boundary: one becomes `EIO`.
 //! - The library runs its own tokio runtime and network scout, started on first use; the
@@ -139,8 +144,50 @@ fn block<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// Bytes a `MSG_PEEK` took out of the multi-socket, served again by the next reads.
+struct Peeked {
+    data: Vec<u8>,
+    pos: usize,
+    labels: Labels,
+}
+
+/// What makes a multi-socket's descriptor (an eventfd) poll readable: the session's own
+/// readability, or bytes a `MSG_PEEK` holds. The counter is 1 exactly while either is true.
+struct Readiness {
+    efd: EventFd,
+    state: Mutex<ReadyState>,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    /// The counter is 1.
+    signalled: bool,
+    /// The session has data, end of stream or an error to report.
+    session: bool,
+    peeked: Option<Peeked>,
+}
+
+impl Readiness {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings the counter in line with `st` (held locked by the caller).
+    fn sync(&self, st: &mut ReadyState) {
+        let want = st.session || st.peeked.is_some();
+        if want && !st.signalled {
+            let _ = self.efd.write(1);
+            st.signalled = true;
+        } else if !want && st.signalled {
+            // The counter is 1, so this read of a possibly blocking eventfd returns at once.
+            let _ = self.efd.read();
+            st.signalled = false;
+        }
+    }
+}
+
 struct Entry {
-    efd: Arc<EventFd>,
+    ready: Arc<Readiness>,
     family: c_int,
     sock: Mutex<Option<MultiSocket>>,
     options: Mutex<HashMap<(c_int, c_int), c_int>>,
@@ -151,17 +198,22 @@ impl Entry {
         self.sock.lock().unwrap_or_else(PoisonError::into_inner).clone().ok_or(Errno::ENOTCONN)
     }
 
+    /// Whether the application made the descriptor non-blocking (`fcntl(F_SETFL, O_NONBLOCK)`
+    /// or `SOCK_NONBLOCK`): calls with nothing to do then fail with `EAGAIN` at once.
+    fn nonblocking(&self) -> bool {
+        // SAFETY: F_GETFL on the eventfd this entry owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(self.ready.efd.as_raw_fd(), libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+
     /// Makes the descriptor readable exactly while the socket is (data, end of stream, or an
-    /// error to report), from now on.
+    /// error to report) or a peek holds bytes, from now on.
     fn attach(&self, ms: MultiSocket) {
-        let efd = self.efd.clone();
+        let ready = self.ready.clone();
         ms.set_readable_hook(Arc::new(move |readable| {
-            if readable {
-                let _ = efd.write(1);
-            } else {
-                // Non-blocking: resets the counter, or EAGAIN when it already was zero.
-                let _ = efd.read();
-            }
+            let mut st = ready.lock();
+            st.session = readable;
+            ready.sync(&mut st);
         }));
         *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(ms);
     }
@@ -181,11 +233,26 @@ fn entry(fd: c_int) -> Result<Arc<Entry>, Errno> {
     table().lock().unwrap_or_else(PoisonError::into_inner).get(&fd).cloned().ok_or(Errno::EBADF)
 }
 
+/// Whether `fd` is one of ours (a multi-socket or a listener given to `cmm_listen`): calls on
+/// any other descriptor are the plain system calls, as in libcmm.
+fn is_ours(fd: c_int) -> bool {
+    table().lock().unwrap_or_else(PoisonError::into_inner).contains_key(&fd)
+        || listeners().lock().unwrap_or_else(PoisonError::into_inner).contains_key(&fd)
+}
+
+/// A system call's result: -1 sets `errno` already, so it passes through `guard` unchanged.
+fn syscall<R: Copy + PartialOrd + Default>(r: R) -> Result<R, Errno> {
+    if r < R::default() { Err(Errno::last()) } else { Ok(r) }
+}
+
 fn new_entry(family: c_int) -> Result<c_int, Errno> {
-    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    // Blocking unless the application says otherwise (fcntl or SOCK_NONBLOCK): the flag is
+    // the application's, read back on every call; the library's own reads never block (see
+    // `Readiness::sync`).
+    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?;
     let fd = efd.as_raw_fd();
     let e = Arc::new(Entry {
-        efd: Arc::new(efd),
+        ready: Arc::new(Readiness { efd, state: Mutex::new(ReadyState::default()) }),
         family,
         sock: Mutex::new(None),
         options: Mutex::new(HashMap::new()),
@@ -338,7 +405,12 @@ pub extern "C" fn cmm_socket(family: c_int, kind: c_int, protocol: c_int) -> mc_
         if protocol != 0 && protocol != libc::IPPROTO_TCP {
             return Err(Errno::EPROTONOSUPPORT);
         }
-        new_entry(family)
+        let fd = new_entry(family)?;
+        if kind & libc::SOCK_NONBLOCK != 0 {
+            // SAFETY: F_SETFL on the eventfd just made; no memory is passed.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        }
+        Ok(fd)
     })
 }
 
@@ -357,6 +429,10 @@ pub unsafe extern "C" fn cmm_connect(
     cb_arg: *mut c_void,
 ) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: connect(2) with the caller's address, under its contract.
+            return syscall(unsafe { libc::connect(sock, addr, addrlen) });
+        }
         let e = entry(sock)?;
         if e.sock.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
             return Err(Errno::EISCONN);
@@ -378,6 +454,17 @@ pub unsafe extern "C" fn cmm_connect(
         e.attach(ms);
         Ok(0)
     })
+}
+
+/// libcmm's final `cmm_connect(sock, addr, addrlen)`: no initial labels, no callbacks. The
+/// header's `cmm_connect` macro calls this one for three arguments.
+///
+/// # Safety
+/// `addr` must point to `addrlen` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cmm_connect3(sock: mc_socket_t, addr: *const sockaddr, addrlen: socklen_t) -> c_int {
+    // SAFETY: same contract as cmm_connect.
+    unsafe { cmm_connect(sock, addr, addrlen, 0, None, None, std::ptr::null_mut()) }
 }
 
 /// Makes a bound TCP socket a cmm listener.
@@ -450,6 +537,12 @@ fn send_impl(
     handler: resume_handler_t,
     arg: *mut c_void,
 ) -> Result<ssize_t, Errno> {
+    if !is_ours(sock) {
+        // SAFETY: send(2) of the caller's bytes; MSG_NOSIGNAL as for multi-sockets.
+        return syscall(unsafe {
+            libc::send(sock, data.as_ptr() as *const c_void, data.len(), flags | libc::MSG_NOSIGNAL)
+        });
+    }
     let e = entry(sock)?;
     let ms = e.connected()?;
     let labels = labels_of(labels)?;
@@ -459,7 +552,7 @@ fn send_impl(
             Check::Ready | Check::Failed => {}
         }
     }
-    if flags & libc::MSG_DONTWAIT != 0 {
+    if flags & libc::MSG_DONTWAIT != 0 || e.nonblocking() {
         return match ms.try_send(data, labels, None) {
             TrySend::Sent(n) => Ok(n as ssize_t),
             TrySend::Deferred => Ok(CMM_DEFERRED as ssize_t),
@@ -509,6 +602,10 @@ pub unsafe extern "C" fn cmm_write(
     handler: resume_handler_t,
     arg: *mut c_void,
 ) -> ssize_t {
+    if !is_ours(sock) {
+        // SAFETY: write(2) of the caller's buffer, under its contract.
+        return guard(CMM_FAILED as ssize_t, || syscall(unsafe { libc::write(sock, buf, len) }));
+    }
     // SAFETY: same contract as cmm_send.
     unsafe { cmm_send(sock, buf, len, 0, labels, handler, arg) }
 }
@@ -533,6 +630,11 @@ pub unsafe extern "C" fn cmm_writev(
         if iov.is_null() && count > 0 {
             return Err(Errno::EFAULT);
         }
+        if !is_ours(sock) {
+            // SAFETY: writev(2) of the caller's iovecs, under its contract.
+            return syscall(unsafe { libc::writev(sock, iov, count) })
+                .map(|n| c_int::try_from(n).unwrap_or(c_int::MAX));
+        }
         let mut data = Vec::new();
         for i in 0..count as usize {
             // SAFETY: per this function's contract, iov[0..count] are valid iovecs.
@@ -552,27 +654,126 @@ pub unsafe extern "C" fn cmm_writev(
     })
 }
 
-fn recv_impl(
+/// Received bytes go through this buffer (at most this much per piece), so the application's
+/// buffer may be uninitialised memory: it is only ever written through its pointer.
+const RECV_PIECE: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One piece into `buf` (`len` > 0 writable bytes): what a peek holds first, else from the
+/// multi-socket (waiting unless `nonblocking`). `peek` leaves the bytes to be read again.
+///
+/// # Safety
+/// `buf` must point to `len` writable bytes.
+unsafe fn recv_piece(
+    e: &Entry,
+    ms: &MultiSocket,
+    buf: *mut u8,
+    len: usize,
+    peek: bool,
+    nonblocking: bool,
+) -> Result<(usize, Labels), Errno> {
+    {
+        let mut st = e.ready.lock();
+        if let Some(p) = st.peeked.as_mut() {
+            let n = len.min(p.data.len() - p.pos);
+            // SAFETY: `buf` has `len` >= n writable bytes; the source is the peek's own.
+            unsafe { std::ptr::copy_nonoverlapping(p.data.as_ptr().add(p.pos), buf, n) };
+            let labels = p.labels;
+            if !peek {
+                p.pos += n;
+                if p.pos == p.data.len() {
+                    st.peeked = None;
+                    e.ready.sync(&mut st);
+                }
+            }
+            return Ok((n, labels));
+        }
+    }
+    let take = len.min(RECV_PIECE);
+    let got = SCRATCH.with(|cell| {
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let scratch = match borrowed.as_mut() {
+            Ok(v) => &mut **v,
+            Err(_) => &mut own,
+        };
+        if scratch.len() < take {
+            scratch.resize(take, 0);
+        }
+        let r = if nonblocking {
+            ms.try_recv(&mut scratch[..take])
+        } else {
+            let lib = lib()?;
+            let _enter = lib.runtime.enter();
+            block(ms.recv(&mut scratch[..take]))
+        };
+        let (n, labels) = r.map_err(|e| errno_of(&e))?;
+        // SAFETY: `buf` has `len` >= take >= n writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr(), buf, n) };
+        if peek && n > 0 {
+            let mut st = e.ready.lock();
+            st.peeked = Some(Peeked { data: scratch[..n].to_vec(), pos: 0, labels });
+            e.ready.sync(&mut st);
+        }
+        Ok::<_, Errno>((n, labels))
+    })?;
+    Ok(got)
+}
+
+/// recv for a multi-socket: `MSG_DONTWAIT` (or `O_NONBLOCK`), `MSG_PEEK`, `MSG_WAITALL`.
+///
+/// # Safety
+/// `buf` must point to `count` writable bytes (initialised or not); `recv_labels` to a
+/// writable c_ulong or be null.
+unsafe fn recv_impl(
     sock: mc_socket_t,
-    buf: &mut [u8],
+    buf: *mut u8,
+    count: usize,
     flags: c_int,
     recv_labels: *mut c_ulong,
 ) -> Result<ssize_t, Errno> {
+    if !is_ours(sock) {
+        if !recv_labels.is_null() {
+            // SAFETY: a non-null `recv_labels` is writable (the caller's contract).
+            unsafe { *recv_labels = 0 };
+        }
+        // SAFETY: recv(2) into the caller's buffer, under its contract.
+        return syscall(unsafe { libc::recv(sock, buf as *mut c_void, count, flags) });
+    }
     let e = entry(sock)?;
     let ms = e.connected()?;
-    let result = if flags & libc::MSG_DONTWAIT != 0 {
-        ms.try_recv(buf)
-    } else {
-        let lib = lib()?;
-        let _enter = lib.runtime.enter();
-        block(ms.recv(buf))
-    };
-    let (n, labels) = result.map_err(|e| errno_of(&e))?;
+    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || e.nonblocking();
+    let peek = flags & libc::MSG_PEEK != 0;
+    let wait_all = flags & libc::MSG_WAITALL != 0 && !peek && !nonblocking;
+    let mut got = 0usize;
+    let mut first: Option<Labels> = None;
+    loop {
+        // SAFETY: buf[got..count] is writable, per this function's contract.
+        let r = unsafe { recv_piece(&e, &ms, buf.add(got), count - got, peek, nonblocking) };
+        match r {
+            Ok((n, labels)) => {
+                first.get_or_insert(labels);
+                got += n;
+                if n == 0 || !wait_all || got == count {
+                    break;
+                }
+            }
+            // What was read is returned; the error comes again on the next call.
+            Err(_) if got > 0 => break,
+            Err(err) => return Err(err),
+        }
+        if count == 0 {
+            break;
+        }
+    }
     if !recv_labels.is_null() {
         // SAFETY: a non-null `recv_labels` points to a writable c_ulong (the caller's contract).
-        unsafe { *recv_labels = c_ulong::from(labels.bits()) };
+        unsafe { *recv_labels = c_ulong::from(first.unwrap_or(Labels::NONE).bits()) };
     }
-    Ok(n as ssize_t)
+    Ok(got as ssize_t)
 }
 
 /// Reads, returning the labels the sender used through `recv_labels` (may be null).
@@ -587,11 +788,19 @@ pub unsafe extern "C" fn cmm_read(
     count: size_t,
     recv_labels: *mut c_ulong,
 ) -> ssize_t {
+    if !is_ours(sock) {
+        if !recv_labels.is_null() {
+            // SAFETY: a non-null `recv_labels` is writable (the caller's contract).
+            unsafe { *recv_labels = 0 };
+        }
+        // SAFETY: read(2) into the caller's buffer, under its contract.
+        return guard(CMM_FAILED as ssize_t, || syscall(unsafe { libc::read(sock, buf, count) }));
+    }
     // SAFETY: same contract as cmm_recv.
     unsafe { cmm_recv(sock, buf, count, 0, recv_labels) }
 }
 
-/// `cmm_read` with flags (`MSG_DONTWAIT`).
+/// `cmm_read` with flags (`MSG_DONTWAIT`, `MSG_PEEK`, `MSG_WAITALL`).
 ///
 /// # Safety
 /// As `cmm_read`.
@@ -607,13 +816,8 @@ pub unsafe extern "C" fn cmm_recv(
         if buf.is_null() && count > 0 {
             return Err(Errno::EFAULT);
         }
-        // SAFETY: per this function's contract.
-        let data = if count == 0 {
-            &mut [][..]
-        } else {
-            unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, count) }
-        };
-        recv_impl(sock, data, flags, recv_labels)
+        // SAFETY: per this function's contract; only written through the pointer.
+        unsafe { recv_impl(sock, buf as *mut u8, count, flags, recv_labels) }
     })
 }
 
@@ -665,6 +869,10 @@ pub unsafe extern "C" fn cmm_getsockopt(
     optlen: *mut socklen_t,
 ) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: getsockopt(2) under the caller's contract.
+            return syscall(unsafe { libc::getsockopt(sock, level, optname, optval, optlen) });
+        }
         let e = entry(sock)?;
         let value = match (level, optname) {
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
@@ -705,6 +913,10 @@ pub unsafe extern "C" fn cmm_setsockopt(
     optlen: socklen_t,
 ) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: setsockopt(2) under the caller's contract.
+            return syscall(unsafe { libc::setsockopt(sock, level, optname, optval, optlen) });
+        }
         let e = entry(sock)?;
         if !STORED_OPTIONS.contains(&(level, optname)) {
             return Err(Errno::ENOPROTOOPT);
@@ -730,6 +942,10 @@ pub unsafe extern "C" fn cmm_getpeername(
     addrlen: *mut socklen_t,
 ) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: getpeername(2) under the caller's contract.
+            return syscall(unsafe { libc::getpeername(sock, addr, addrlen) });
+        }
         let peer = entry(sock)?.connected()?.peer_addr().ok_or(Errno::ENOTCONN)?;
         if addr.is_null() || addrlen.is_null() {
             return Err(Errno::EFAULT);
@@ -751,6 +967,10 @@ pub unsafe extern "C" fn cmm_getsockname(
     addrlen: *mut socklen_t,
 ) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: getsockname(2) under the caller's contract.
+            return syscall(unsafe { libc::getsockname(sock, addr, addrlen) });
+        }
         let local = entry(sock)?.connected()?.local_addr().ok_or(Errno::ENOTCONN)?;
         if addr.is_null() || addrlen.is_null() {
             return Err(Errno::EFAULT);
@@ -830,6 +1050,10 @@ pub extern "C" fn cmm_thunk_cancel(
 #[unsafe(no_mangle)]
 pub extern "C" fn cmm_shutdown(sock: mc_socket_t, how: c_int) -> c_int {
     guard(CMM_FAILED, || {
+        if !is_ours(sock) {
+            // SAFETY: shutdown(2) of the caller's descriptor; no memory is passed.
+            return syscall(unsafe { libc::shutdown(sock, how) });
+        }
         let ms = entry(sock)?.connected()?;
         match how {
             libc::SHUT_RD => Ok(0),
@@ -852,9 +1076,15 @@ pub extern "C" fn cmm_close(sock: mc_socket_t) -> c_int {
             unsafe { libc::close(sock) };
             return Ok(0);
         }
-        let e = table().lock().unwrap_or_else(PoisonError::into_inner).remove(&sock).ok_or(Errno::EBADF)?;
+        let Some(e) = table().lock().unwrap_or_else(PoisonError::into_inner).remove(&sock) else {
+            // SAFETY: close(2) of a descriptor that is not ours, as the application asked.
+            return syscall(unsafe { libc::close(sock) });
+        };
         let ms = e.sock.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(ms) = ms {
+            // The hook holds the descriptor's eventfd: let it go, so the descriptor is closed
+            // now (a second close is then EBADF from close(2) itself).
+            ms.set_readable_hook(Arc::new(|_| {}));
             let lib = lib()?;
             let _enter = lib.runtime.enter();
             block(ms.close());
@@ -885,6 +1115,7 @@ mod tests {
             Cb,
             *mut c_void,
         ) -> c_int = cmm_connect;
+        let _: unsafe extern "C" fn(mc_socket_t, *const sockaddr, socklen_t) -> c_int = cmm_connect3;
         let _: unsafe extern "C" fn(c_int, c_int) -> c_int = cmm_listen;
         let _: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> mc_socket_t = cmm_accept;
         let _: unsafe extern "C" fn(

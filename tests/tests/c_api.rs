@@ -70,7 +70,7 @@ fn the_header_declares_exactly_what_the_library_exports() {
         .filter_map(|l| l.split_whitespace().last().filter(|n| n.starts_with("cmm_")).map(String::from))
         .collect();
     exported.sort();
-    assert_eq!(declared.len(), 20, "{declared:?}");
+    assert_eq!(declared.len(), 21, "{declared:?}");
     assert_eq!(declared, exported);
 
     // The header pins every signature and constant (-Werror), links, and runs.
@@ -242,4 +242,27 @@ fn c_client_outlives_total_outages() {
     let stdout = run_client(cmd, &server);
     assert!(stdout.lines().any(|l| l == "ok"), "{stdout}");
     server_ends_cleanly(&server);
+}
+
+/// The conformance suite (`cmm-lib/tests/c/conformance.c`): one process per behaviour, the
+/// client in the two-uplink namespace, the echo server behind the router; each case has an
+/// alarm, so a missing feature fails rather than hangs.
+#[test]
+fn c_conformance_suite() {
+    let Some(lab) = Lab::new("c_conformance_suite") else { return };
+    let (server_bin, client_bin) = (lab.dir().join("echo_server"), lab.dir().join("conformance"));
+    compile("echo_server.c", &server_bin);
+    compile("conformance.c", &client_bin);
+    let log = std::env::var("CMM_TEST_LOG").unwrap_or_else(|_| "cmm=info".into());
+    let mut cmd = lab.command(&lab.server(), &server_bin);
+    cmd.arg("7200").env("RUST_LOG", &log);
+    let server = lab.spawn_command(cmd);
+    server.wait_for_line("listening on 7200", Duration::from_secs(60));
+    let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
+    for case in ["waitall", "peek", "nonblock", "plainfd"] {
+        let mut cmd = lab.command(&lab.client(), &client_bin);
+        cmd.args([case, "10.3.0.2", "7200"]).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
+        let stdout = run_client(cmd, &server);
+        assert!(stdout.contains(&format!("ok {case}")), "{case}: {stdout}");
+    }
 }
