@@ -121,12 +121,14 @@ ssize_t cmm_recv(mc_socket_t sock, void *buf, size_t count, int flags, unsigned 
 int cmm_select(int nfds, fd_set *readfds, fd_set *writefds, fd_set *exceptfds,
                struct timeval *timeout);
 int cmm_poll(struct pollfd *fds, nfds_t nfds, int timeout);
-/* SO_TYPE, SO_DOMAIN, SO_ERROR (0), SO_ACCEPTCONN (0), and the options below as last set;
- * others ENOPROTOOPT. */
+/* SO_TYPE, SO_DOMAIN, SO_ERROR (0), SO_ACCEPTCONN (0), SO_RCVTIMEO/SO_SNDTIMEO, and the
+ * options below as last set; others ENOPROTOOPT. */
 int cmm_getsockopt(mc_socket_t sock, int level, int optname, void *optval, socklen_t *optlen);
-/* SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF, SO_REUSEADDR, TCP_NODELAY are stored and read back as
- * set, but not yet applied to the physical sockets (which always use keepalive and no
- * delay); others ENOPROTOOPT. */
+/* SO_RCVTIMEO/SO_SNDTIMEO (a struct timeval; 0 = none, the default): a read waits at most
+ * that long, then fails with EAGAIN; a send returns the count taken so far, or fails with
+ * EAGAIN when it took none. SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF, SO_REUSEADDR, TCP_NODELAY are
+ * stored and read back as set, but not yet applied to the physical sockets (which always use
+ * keepalive and no delay); others ENOPROTOOPT. */
 int cmm_setsockopt(mc_socket_t sock, int level, int optname, const void *optval, socklen_t optlen);
 /* The peer's address, and the local address of a physical connection (ENOTCONN before
  * connect). */

@@ -191,9 +191,22 @@ struct Entry {
     family: c_int,
     sock: Mutex<Option<MultiSocket>>,
     options: Mutex<HashMap<(c_int, c_int), c_int>>,
+    /// SO_RCVTIMEO and SO_SNDTIMEO (None: wait as long as it takes).
+    timeouts: Mutex<Timeouts>,
+}
+
+/// A multi-socket's receive and send timeouts.
+#[derive(Clone, Copy, Default)]
+struct Timeouts {
+    recv: Option<std::time::Duration>,
+    send: Option<std::time::Duration>,
 }
 
 impl Entry {
+    fn timeouts(&self) -> Timeouts {
+        *self.timeouts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn connected(&self) -> Result<MultiSocket, Errno> {
         self.sock.lock().unwrap_or_else(PoisonError::into_inner).clone().ok_or(Errno::ENOTCONN)
     }
@@ -256,6 +269,7 @@ fn new_entry(family: c_int) -> Result<c_int, Errno> {
         family,
         sock: Mutex::new(None),
         options: Mutex::new(HashMap::new()),
+        timeouts: Mutex::new(Timeouts::default()),
     });
     table().lock().unwrap_or_else(PoisonError::into_inner).insert(fd, e);
     Ok(fd)
@@ -561,7 +575,11 @@ fn send_impl(
     }
     let lib = lib()?;
     let _enter = lib.runtime.enter();
-    block(ms.send(data, labels)).map(|n| n as ssize_t).map_err(|e| errno_of(&e))
+    let sent = match e.timeouts().send {
+        Some(t) => block(ms.send_within(data, labels, t)),
+        None => block(ms.send(data, labels)),
+    };
+    sent.map(|n| n as ssize_t).map_err(|e| errno_of(&e))
 }
 
 /// Sends with labels; `CMM_DEFERRED` (thunk stored) when a handler is given and no network fits.
@@ -708,7 +726,12 @@ unsafe fn recv_piece(
         } else {
             let lib = lib()?;
             let _enter = lib.runtime.enter();
-            block(ms.recv(&mut scratch[..take]))
+            match e.timeouts().recv {
+                // recv takes bytes only when they are there, so giving up its wait loses none.
+                Some(t) => block(tokio::time::timeout(t, ms.recv(&mut scratch[..take])))
+                    .unwrap_or_else(|_| Err(io::Error::from(io::ErrorKind::WouldBlock))),
+                None => block(ms.recv(&mut scratch[..take])),
+            }
         };
         let (n, labels) = r.map_err(|e| errno_of(&e))?;
         // SAFETY: `buf` has `len` >= take >= n writable bytes.
@@ -874,6 +897,25 @@ pub unsafe extern "C" fn cmm_getsockopt(
             return syscall(unsafe { libc::getsockopt(sock, level, optname, optval, optlen) });
         }
         let e = entry(sock)?;
+        if let (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) = (level, optname) {
+            let t = e.timeouts();
+            let d = if optname == libc::SO_RCVTIMEO { t.recv } else { t.send };
+            let d = d.unwrap_or_default();
+            let tv = timeval {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_usec: d.subsec_micros() as libc::suseconds_t,
+            };
+            if optval.is_null() || optlen.is_null() {
+                return Err(Errno::EFAULT);
+            }
+            // SAFETY: per this function's contract; at most *optlen bytes are written.
+            unsafe {
+                let n = (*optlen as usize).min(std::mem::size_of::<timeval>());
+                std::ptr::copy_nonoverlapping(&tv as *const timeval as *const u8, optval as *mut u8, n);
+                *optlen = std::mem::size_of::<timeval>() as socklen_t;
+            }
+            return Ok(0);
+        }
         let value = match (level, optname) {
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
             (libc::SOL_SOCKET, libc::SO_DOMAIN) => e.family,
@@ -918,6 +960,26 @@ pub unsafe extern "C" fn cmm_setsockopt(
             return syscall(unsafe { libc::setsockopt(sock, level, optname, optval, optlen) });
         }
         let e = entry(sock)?;
+        if let (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) = (level, optname) {
+            if optval.is_null() || (optlen as usize) < std::mem::size_of::<timeval>() {
+                return Err(Errno::EINVAL);
+            }
+            // SAFETY: per this function's contract, optval holds a timeval.
+            let tv = unsafe { std::ptr::read_unaligned(optval as *const timeval) };
+            if tv.tv_sec < 0 || !(0..1_000_000).contains(&tv.tv_usec) {
+                return Err(Errno::EDOM);
+            }
+            let d = std::time::Duration::from_secs(tv.tv_sec as u64)
+                + std::time::Duration::from_micros(tv.tv_usec as u64);
+            let d = (!d.is_zero()).then_some(d);
+            let mut t = e.timeouts.lock().unwrap_or_else(PoisonError::into_inner);
+            if optname == libc::SO_RCVTIMEO {
+                t.recv = d;
+            } else {
+                t.send = d;
+            }
+            return Ok(0);
+        }
         if !STORED_OPTIONS.contains(&(level, optname)) {
             return Err(Errno::ENOPROTOOPT);
         }

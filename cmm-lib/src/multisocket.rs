@@ -90,13 +90,22 @@ pub(crate) fn recv_error(e: RecvError) -> io::Error {
 /// The send loop of [`MultiSocket::send`] and [`MultiSocket::send_bytes`] in cmm mode: `take`
 /// hands the session the bytes from offset `off` of `len` and says how many it took. Waits for
 /// room, and for a network up to the labels' maximum wait since the last byte taken; when that
-/// runs out, what was taken is the result (`TimedOut` if nothing was).
+/// runs out, what was taken is the result (`TimedOut` if nothing was). At `deadline`, if
+/// given, likewise: what was taken, or `WouldBlock` if nothing was (a send timeout).
 pub(crate) async fn send_cmm(
     s: &CmmSocket,
     len: usize,
     labels: Labels,
+    deadline: Option<tokio::time::Instant>,
     mut take: impl FnMut(&mut Session, usize) -> Result<usize, SendError>,
 ) -> io::Result<usize> {
+    let out_of_time = |off: usize| {
+        if off > 0 {
+            Ok(off)
+        } else {
+            Err(io::Error::new(io::ErrorKind::WouldBlock, "the send timeout passed with no room"))
+        }
+    };
     let max_wait = s.connector.policy().max_wait(labels);
     let mut no_network_since: Option<tokio::time::Instant> = None;
     let mut off = 0;
@@ -113,10 +122,22 @@ pub(crate) async fn send_cmm(
                 off += n;
                 no_network_since = None;
             }
-            Err(SendError::Full) => notified.await,
+            Err(SendError::Full) => match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, notified).await.is_err() {
+                        return out_of_time(off);
+                    }
+                }
+                None => notified.await,
+            },
             Err(SendError::NoNetwork) => {
                 let since = *no_network_since.get_or_insert_with(tokio::time::Instant::now);
-                if tokio::time::timeout_at(since + max_wait, notified).await.is_err() {
+                let until = deadline.map_or(since + max_wait, |d| d.min(since + max_wait));
+                if tokio::time::timeout_at(until, notified).await.is_err() {
+                    if until < since + max_wait {
+                        // The send timeout came before the wait for a network ran out.
+                        return out_of_time(off);
+                    }
                     if off > 0 {
                         return Ok(off);
                     }
@@ -308,7 +329,23 @@ impl MultiSocket {
         match self.mode() {
             Mode::Plain(p) => p.send(buf, labels).await,
             Mode::Cmm(s) => {
-                send_cmm(s, buf.len(), labels, |session, off| session.send(&buf[off..], labels)).await
+                send_cmm(s, buf.len(), labels, None, |session, off| session.send(&buf[off..], labels)).await
+            }
+        }
+    }
+
+    /// [`MultiSocket::send`] that waits at most `timeout` (a socket's send timeout, as
+    /// `SO_SNDTIMEO`): then it returns the bytes taken so far, or `WouldBlock` if none were.
+    /// In plain mode the timeout is not applied.
+    pub async fn send_within(&self, buf: &[u8], labels: Labels, timeout: Duration) -> io::Result<usize> {
+        match self.mode() {
+            Mode::Plain(p) => p.send(buf, labels).await,
+            Mode::Cmm(s) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                send_cmm(s, buf.len(), labels, Some(deadline), |session, off| {
+                    session.send(&buf[off..], labels)
+                })
+                .await
             }
         }
     }
@@ -320,8 +357,10 @@ impl MultiSocket {
         match self.mode() {
             Mode::Plain(p) => p.send(&data, labels).await,
             Mode::Cmm(s) => {
-                send_cmm(s, data.len(), labels, |session, off| session.send_bytes(data.slice(off..), labels))
-                    .await
+                send_cmm(s, data.len(), labels, None, |session, off| {
+                    session.send_bytes(data.slice(off..), labels)
+                })
+                .await
             }
         }
     }

@@ -82,7 +82,8 @@ impl Stream {
     /// labels' maximum wait, partial sends).
     pub async fn send(&self, buf: &[u8], labels: Labels) -> io::Result<usize> {
         let id = self.id;
-        send_cmm(&self.sock, buf.len(), labels, |session, off| session.send_on(id, &buf[off..], labels)).await
+        send_cmm(&self.sock, buf.len(), labels, None, |session, off| session.send_on(id, &buf[off..], labels))
+            .await
     }
 
     /// Receives bytes and the labels their sender used (never two label sets in one call).

@@ -259,7 +259,7 @@ fn c_conformance_suite() {
     let server = lab.spawn_command(cmd);
     server.wait_for_line("listening on 7200", Duration::from_secs(60));
     let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
-    for case in ["waitall", "peek", "nonblock", "plainfd"] {
+    for case in ["waitall", "peek", "nonblock", "plainfd", "timeouts"] {
         let mut cmd = lab.command(&lab.client(), &client_bin);
         cmd.args([case, "10.3.0.2", "7200"]).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
         let stdout = run_client(cmd, &server);

@@ -90,6 +90,45 @@ static void nonblock(void) {
     cmm_close(s);
 }
 
+static double since(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+/* SO_RCVTIMEO and SO_SNDTIMEO: a blocked call gives up with EAGAIN (or the count taken) after
+ * the timeout; the values read back as set; 0 means none. */
+static void timeouts(void) {
+    mc_socket_t s = connect_echo();
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 300000}, back = {0};
+    socklen_t len = sizeof back;
+    if (cmm_setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) FAIL("set SO_RCVTIMEO");
+    if (cmm_getsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &back, &len) != 0 || back.tv_usec != 300000 || back.tv_sec != 0)
+        FAIL("SO_RCVTIMEO reads back as %ld.%06ld", (long)back.tv_sec, (long)back.tv_usec);
+    char buf[16];
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (cmm_recv(s, buf, sizeof buf, 0, NULL) != -1 || (errno != EAGAIN && errno != EWOULDBLOCK))
+        FAIL("a read with nothing to read did not time out with EAGAIN");
+    double waited = since(&t0);
+    if (waited < 0.25 || waited > 10) FAIL("the read timed out after %.3f s, not 0.3 s", waited);
+    /* The peer echoes what it gets but nobody reads here: buffers fill, then a send times out. */
+    tv.tv_usec = 500000;
+    if (cmm_setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0) FAIL("set SO_SNDTIMEO");
+    size_t chunk = 1 << 20;
+    char *big = calloc(1, chunk);
+    int timed_out = 0;
+    for (int i = 0; i < 400 && !timed_out; i++) {
+        ssize_t n = cmm_send(s, big, chunk, 0, CMM_LABEL_SMALL, NULL, NULL);
+        if (n == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) timed_out = 1;
+        else if (n >= 0 && (size_t)n < chunk) timed_out = 1;
+        else if (n != (ssize_t)chunk) FAIL("send");
+    }
+    if (!timed_out) FAIL("400 MiB went out without a send timing out");
+    free(big);
+    cmm_close(s);
+}
+
 /* On descriptors that are not multi-sockets the calls are the plain system calls. */
 static void plainfd(void) {
     int sv[2];
@@ -123,6 +162,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(c, "peek")) peek();
     else if (!strcmp(c, "nonblock")) nonblock();
     else if (!strcmp(c, "plainfd")) plainfd();
+    else if (!strcmp(c, "timeouts")) timeouts();
     else FAIL("unknown case %s", c);
     printf("ok %s\n", c);
     return 0;
