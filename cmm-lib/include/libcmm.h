@@ -88,10 +88,16 @@ int cmm_connect3(mc_socket_t sock, const struct sockaddr *addr, socklen_t addrle
                       cmm_connect3, cmm_connect_takes_3_or_7_arguments,                       \
                       cmm_connect_takes_3_or_7_arguments)(__VA_ARGS__)
 
-/* listen(2) on a bound TCP socket, which then accepts multi-sockets. Errors as listen(2). */
+/* listen(2) on a bound TCP socket, which then accepts multi-sockets. Errors as listen(2).
+ * From then on the descriptor polls readable exactly while a new multi-socket waits to be
+ * accepted (the extra paths that join one already accepted do not count), so a
+ * poll-then-cmm_accept loop works. It is no longer the kernel's socket itself: cmm_getsockname,
+ * cmm_getsockopt and cmm_setsockopt on it reach the socket, plain calls do not; close it with
+ * cmm_close. */
 int cmm_listen(int listener_sock, int backlog);
-/* The next multi-socket a peer connected (blocks); its address in addr (may be null).
- * EINVAL when listener_sock was not given to cmm_listen. */
+/* The next multi-socket a peer connected; its address in addr (may be null). Blocks, unless
+ * the listening descriptor is O_NONBLOCK: then EAGAIN when none waits. EINVAL when
+ * listener_sock was not given to cmm_listen. */
 mc_socket_t cmm_accept(int listener_sock, struct sockaddr *addr, socklen_t *addrlen);
 
 /* Sends len bytes with labels: blocks for buffer room and for a network the labels fit (up to

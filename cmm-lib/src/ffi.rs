@@ -237,9 +237,29 @@ fn table() -> &'static Mutex<HashMap<c_int, Arc<Entry>>> {
     T.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn listeners() -> &'static Mutex<HashMap<c_int, Arc<Listener>>> {
-    static L: OnceLock<Mutex<HashMap<c_int, Arc<Listener>>>> = OnceLock::new();
+/// A descriptor given to `cmm_listen`. Its number now names an eventfd readable exactly while
+/// a new multi-socket waits to be accepted; the listening socket itself is `socket`, the
+/// library's own descriptor of it.
+struct CListener {
+    listener: Listener,
+    socket: c_int,
+}
+
+impl CListener {
+    fn nonblocking(&self, fd: c_int) -> bool {
+        // SAFETY: F_GETFL on the application's descriptor; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+}
+
+fn listeners() -> &'static Mutex<HashMap<c_int, Arc<CListener>>> {
+    static L: OnceLock<Mutex<HashMap<c_int, Arc<CListener>>>> = OnceLock::new();
     L.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn listener(fd: c_int) -> Option<Arc<CListener>> {
+    listeners().lock().unwrap_or_else(PoisonError::into_inner).get(&fd).cloned()
 }
 
 fn entry(fd: c_int) -> Result<Arc<Entry>, Errno> {
@@ -492,6 +512,10 @@ pub extern "C" fn cmm_listen(listener_sock: c_int, backlog: c_int) -> c_int {
         if unsafe { libc::listen(listener_sock, backlog) } != 0 {
             return Err(Errno::last());
         }
+        // The application's file status flags (O_NONBLOCK), before the library's duplicate,
+        // which shares them, is made non-blocking.
+        // SAFETY: F_GETFL on the caller's descriptor; no memory is passed.
+        let flags = unsafe { libc::fcntl(listener_sock, libc::F_GETFL) };
         // SAFETY: dup(2) gives this library its own descriptor for the listening socket.
         let own = unsafe { libc::dup(listener_sock) };
         if own < 0 {
@@ -503,8 +527,28 @@ pub extern "C" fn cmm_listen(listener_sock: c_int, backlog: c_int) -> c_int {
         let lib = lib()?;
         let _enter = lib.runtime.enter();
         let tokio_listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| errno_of(&e))?;
+        // The application's descriptor becomes an eventfd that polls readable exactly while a
+        // new multi-socket waits (the kernel's listening socket is readable for every path,
+        // and this library takes those at once), keeping its file status flags (O_NONBLOCK).
+        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?;
+        // SAFETY: dup2(2) onto the caller's own descriptor number, which the library keeps a
+        // duplicate of (`own`); the eventfd stays open through `efd` too.
+        if unsafe { libc::dup2(efd.as_raw_fd(), listener_sock) } < 0 {
+            return Err(Errno::last());
+        }
+        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+            // SAFETY: F_SETFL on the descriptor just made an eventfd; no memory is passed.
+            unsafe { libc::fcntl(listener_sock, libc::F_SETFL, libc::O_NONBLOCK) };
+        }
         let l = Listener::from_tcp(tokio_listener, lib.server.clone()).map_err(|e| errno_of(&e))?;
-        listeners().lock().unwrap_or_else(PoisonError::into_inner).insert(listener_sock, Arc::new(l));
+        let hook_ready = Arc::new(Readiness { efd, state: Mutex::new(ReadyState::default()) });
+        l.set_waiting_hook(Arc::new(move |waiting| {
+            let mut st = hook_ready.lock();
+            st.session = waiting;
+            hook_ready.sync(&mut st);
+        }));
+        let cl = CListener { listener: l, socket: own };
+        listeners().lock().unwrap_or_else(PoisonError::into_inner).insert(listener_sock, Arc::new(cl));
         Ok(0)
     })
 }
@@ -520,15 +564,14 @@ pub unsafe extern "C" fn cmm_accept(
     addrlen: *mut socklen_t,
 ) -> mc_socket_t {
     guard(CMM_FAILED, || {
-        let l = listeners()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&listener_sock)
-            .cloned()
-            .ok_or(Errno::EINVAL)?;
-        let lib = lib()?;
-        let _enter = lib.runtime.enter();
-        let ms = block(l.accept()).map_err(|e| errno_of(&e))?;
+        let l = listener(listener_sock).ok_or(Errno::EINVAL)?;
+        let ms = if l.nonblocking(listener_sock) {
+            l.listener.try_accept().ok_or(Errno::EAGAIN)?
+        } else {
+            let lib = lib()?;
+            let _enter = lib.runtime.enter();
+            block(l.listener.accept()).map_err(|e| errno_of(&e))?
+        };
         let family = match ms.peer_addr() {
             Some(SocketAddr::V6(_)) => libc::AF_INET6,
             _ => libc::AF_INET,
@@ -896,6 +939,10 @@ pub unsafe extern "C" fn cmm_getsockopt(
             // SAFETY: getsockopt(2) under the caller's contract.
             return syscall(unsafe { libc::getsockopt(sock, level, optname, optval, optlen) });
         }
+        if let Some(l) = listener(sock) {
+            // SAFETY: getsockopt(2) on the listening socket itself, under the caller's contract.
+            return syscall(unsafe { libc::getsockopt(l.socket, level, optname, optval, optlen) });
+        }
         let e = entry(sock)?;
         if let (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) = (level, optname) {
             let t = e.timeouts();
@@ -958,6 +1005,10 @@ pub unsafe extern "C" fn cmm_setsockopt(
         if !is_ours(sock) {
             // SAFETY: setsockopt(2) under the caller's contract.
             return syscall(unsafe { libc::setsockopt(sock, level, optname, optval, optlen) });
+        }
+        if let Some(l) = listener(sock) {
+            // SAFETY: setsockopt(2) on the listening socket itself, under the caller's contract.
+            return syscall(unsafe { libc::setsockopt(l.socket, level, optname, optval, optlen) });
         }
         let e = entry(sock)?;
         if let (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) = (level, optname) {
@@ -1032,6 +1083,10 @@ pub unsafe extern "C" fn cmm_getsockname(
         if !is_ours(sock) {
             // SAFETY: getsockname(2) under the caller's contract.
             return syscall(unsafe { libc::getsockname(sock, addr, addrlen) });
+        }
+        if let Some(l) = listener(sock) {
+            // SAFETY: getsockname(2) on the listening socket itself, under the caller's contract.
+            return syscall(unsafe { libc::getsockname(l.socket, addr, addrlen) });
         }
         let local = entry(sock)?.connected()?.local_addr().ok_or(Errno::ENOTCONN)?;
         if addr.is_null() || addrlen.is_null() {
@@ -1133,6 +1188,7 @@ pub extern "C" fn cmm_shutdown(sock: mc_socket_t, how: c_int) -> c_int {
 pub extern "C" fn cmm_close(sock: mc_socket_t) -> c_int {
     guard(CMM_FAILED, || {
         if let Some(l) = listeners().lock().unwrap_or_else(PoisonError::into_inner).remove(&sock) {
+            l.listener.set_waiting_hook(Arc::new(|_| {}));
             drop(l);
             // SAFETY: close(2) on the application's own listening descriptor, as it asked.
             unsafe { libc::close(sock) };

@@ -99,10 +99,41 @@ struct Entry {
 
 type Sessions = Arc<Mutex<HashMap<SessionId, Entry>>>;
 
+/// Called with whether a multi-socket waits to be accepted, whenever that changes.
+pub type WaitingHook = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// How many new multi-sockets wait to be accepted, and who wants to know when that changes.
+#[derive(Default)]
+struct Waiting {
+    state: Mutex<(usize, Option<WaitingHook>)>,
+}
+
+impl Waiting {
+    fn add(&self, delta: isize) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = st.0 > 0;
+        st.0 = st.0.saturating_add_signed(delta);
+        let after = st.0 > 0;
+        if before != after
+            && let Some(h) = &st.1
+        {
+            h(after);
+        }
+    }
+}
+
+/// Where new multi-sockets go until accepted.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<MultiSocket>,
+    waiting: Arc<Waiting>,
+}
+
 /// Accepts multi-sockets.
 pub struct Listener {
     local: SocketAddr,
     incoming: tokio::sync::Mutex<mpsc::Receiver<MultiSocket>>,
+    waiting: Arc<Waiting>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -140,8 +171,10 @@ impl Listener {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(BACKLOG);
         let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
-        let task = tokio::spawn(accept_loop(listener, connector, sessions, tx, tls));
-        Ok(Listener { local, incoming: tokio::sync::Mutex::new(rx), task })
+        let waiting = Arc::new(Waiting::default());
+        let queue = Queue { tx, waiting: waiting.clone() };
+        let task = tokio::spawn(accept_loop(listener, connector, sessions, queue, tls));
+        Ok(Listener { local, incoming: tokio::sync::Mutex::new(rx), waiting, task })
     }
 
     /// The address it listens on.
@@ -152,12 +185,25 @@ impl Listener {
     /// The next new multi-socket (a session seen for the first time).
     pub async fn accept(&self) -> io::Result<MultiSocket> {
         let mut rx = self.incoming.lock().await;
-        rx.recv().await.ok_or_else(|| io::Error::other("the listener stopped"))
+        let ms = rx.recv().await.ok_or_else(|| io::Error::other("the listener stopped"))?;
+        self.waiting.add(-1);
+        Ok(ms)
     }
 
     /// A new multi-socket if one is waiting, without waiting.
     pub fn try_accept(&self) -> Option<MultiSocket> {
-        self.incoming.try_lock().ok()?.try_recv().ok()
+        let ms = self.incoming.try_lock().ok()?.try_recv().ok()?;
+        self.waiting.add(-1);
+        Some(ms)
+    }
+
+    /// Calls `hook(waiting)` whenever whether a new multi-socket waits to be accepted changes,
+    /// and at once with the current state (the C API's listening descriptor polls readable
+    /// exactly then; paths joining sessions already accepted do not count).
+    pub fn set_waiting_hook(&self, hook: WaitingHook) {
+        let mut st = self.waiting.state.lock().unwrap_or_else(PoisonError::into_inner);
+        hook(st.0 > 0);
+        st.1 = Some(hook);
     }
 }
 
@@ -165,7 +211,7 @@ async fn accept_loop(
     listener: TcpListener,
     connector: Connector,
     sessions: Sessions,
-    tx: mpsc::Sender<MultiSocket>,
+    tx: Queue,
     tls: Option<TlsAcceptor>,
 ) {
     let mut backoff = Duration::from_millis(5);
@@ -209,7 +255,7 @@ async fn attach(
     slot: HelloSlot,
     connector: Connector,
     sessions: Sessions,
-    tx: mpsc::Sender<MultiSocket>,
+    tx: Queue,
     tls: Option<TlsAcceptor>,
 ) -> io::Result<()> {
     let mut decoder = FrameDecoder::new();
@@ -314,7 +360,12 @@ async fn attach(
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("path {path} already open")));
     }
     if new {
-        tx.send(MultiSocket::from_cmm(sock)).await.map_err(|_| io::Error::other("the listener is gone"))?;
+        // Counted first, so that an accept taking it at once never counts below zero.
+        tx.waiting.add(1);
+        if tx.tx.send(MultiSocket::from_cmm(sock)).await.is_err() {
+            tx.waiting.add(-1);
+            return Err(io::Error::other("the listener is gone"));
+        }
     }
     Ok(())
 }

@@ -265,4 +265,17 @@ fn c_conformance_suite() {
         let stdout = run_client(cmd, &server);
         assert!(stdout.contains(&format!("ok {case}")), "{case}: {stdout}");
     }
+    // The listening side: poll-then-accept, and paths joining accepted sockets not counted.
+    let accept_bin = lab.dir().join("accept_poll");
+    compile("accept_poll.c", &accept_bin);
+    let mut cmd = lab.command(&lab.server(), &accept_bin);
+    cmd.arg("7201").env("RUST_LOG", &log);
+    let acceptor = lab.spawn_command(cmd);
+    acceptor.wait_for_line("listening on 7201", Duration::from_secs(60));
+    let mut cmd = lab.command(&lab.client(), &client_bin);
+    cmd.args(["twoconnections", "10.3.0.2", "7201"]).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
+    run_client(cmd, &acceptor);
+    acceptor.wait_for_line("ok accept_poll", Duration::from_secs(30));
+    let status = acceptor.wait_exit(Duration::from_secs(30)).expect("accept_poll exits");
+    assert!(status.success(), "accept_poll: {status:?}\n{}", acceptor.output());
 }

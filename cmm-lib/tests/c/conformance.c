@@ -151,6 +151,16 @@ static void plainfd(void) {
     if (cmm_close(p[0]) != -1 || errno != EBADF) FAIL("a second close is not EBADF");
 }
 
+/* The client of accept_poll.c: two multi-sockets, 3 s apart, each over every network. */
+static void twoconnections(void) {
+    mc_socket_t a = connect_echo();
+    sleep(3);
+    mc_socket_t b = connect_echo();
+    sleep(2);
+    cmm_close(a);
+    cmm_close(b);
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) FAIL("usage: conformance CASE SERVER_IP PORT");
     alarm(60);
@@ -163,6 +173,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(c, "nonblock")) nonblock();
     else if (!strcmp(c, "plainfd")) plainfd();
     else if (!strcmp(c, "timeouts")) timeouts();
+    else if (!strcmp(c, "twoconnections")) twoconnections();
     else FAIL("unknown case %s", c);
     printf("ok %s\n", c);
     return 0;
