@@ -37,6 +37,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -150,6 +151,13 @@ int cmm_reset(mc_socket_t sock);
  * null), calling deleter (may be null) on each argument; returns how many. */
 int cmm_thunk_cancel(mc_socket_t sock, unsigned long labels, resume_handler_t handler,
                      void *arg, void (*deleter)(void *));
+/* How long a send without a resume handler waits for a network that fits labels before it
+ * fails with ETIMEDOUT (having sent nothing; or it returns the count sent before the wait
+ * began): by default the label policy's max_wait (proxy.toml), unless set here for exactly
+ * these labels. {-1, 0} means without end; a null ts to cmm_set_failure_timeout restores the
+ * policy's. */
+int cmm_get_failure_timeout(mc_socket_t sock, unsigned long labels, struct timespec *ts);
+int cmm_set_failure_timeout(mc_socket_t sock, unsigned long labels, const struct timespec *ts);
 /* SHUT_WR/SHUT_RDWR end the sending half once everything sent is delivered; SHUT_RD does
  * nothing. */
 int cmm_shutdown(mc_socket_t sock, int how);

@@ -123,6 +123,9 @@ pub(crate) struct CmmSocket {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The key the peer presented (accepting side, TLS).
     pub(crate) peer_key: Option<PublicKey>,
+    /// How long calls without a thunk wait for a network, per label set, where the
+    /// application said (`cmm_set_failure_timeout`); the policy's `max_wait` otherwise.
+    failure_timeouts: Mutex<Vec<(Labels, Duration)>>,
 }
 
 /// A path's TLS session, shared by its reader (which decrypts) and its writer (which
@@ -237,7 +240,25 @@ impl CmmSocket {
             runtime: tokio::runtime::Handle::current(),
             tls,
             peer_key: None,
+            failure_timeouts: Mutex::new(Vec::new()),
         })
+    }
+
+    /// How long a call without a thunk waits for a network that fits `labels`.
+    pub(crate) fn max_wait(&self, labels: Labels) -> Duration {
+        let set = self.failure_timeouts.lock().unwrap_or_else(PoisonError::into_inner);
+        set.iter()
+            .find(|(l, _)| *l == labels)
+            .map_or_else(|| self.connector.policy().max_wait(labels), |&(_, d)| d)
+    }
+
+    /// Sets (or, with `None`, forgets) the wait for `labels`.
+    pub(crate) fn set_max_wait(&self, labels: Labels, wait: Option<Duration>) {
+        let mut set = self.failure_timeouts.lock().unwrap_or_else(PoisonError::into_inner);
+        set.retain(|(l, _)| *l != labels);
+        if let Some(d) = wait {
+            set.push((labels, d));
+        }
     }
 
     /// A connecting multi-socket to `remotes`; paths open as networks come up.

@@ -1163,6 +1163,70 @@ pub extern "C" fn cmm_thunk_cancel(
     })
 }
 
+/// A failure timeout meaning "wait as long as it takes" (libcmm's `{-1, 0}`): ten years, far
+/// enough to be forever and near enough that no deadline computed from it overflows.
+const FOREVER: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How long a send without a thunk waits for a network that fits `labels` before failing
+/// (`{-1, 0}`: without end). The label policy's `max_wait` unless set.
+///
+/// # Safety
+/// `ts` must point to a writable `struct timespec`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cmm_get_failure_timeout(
+    sock: mc_socket_t,
+    labels: c_ulong,
+    ts: *mut libc::timespec,
+) -> c_int {
+    guard(CMM_FAILED, || {
+        let ms = entry(sock)?.connected()?;
+        let d = ms.failure_timeout(labels_of(labels)?);
+        if ts.is_null() {
+            return Err(Errno::EFAULT);
+        }
+        let v = if d >= FOREVER {
+            libc::timespec { tv_sec: -1, tv_nsec: 0 }
+        } else {
+            libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long }
+        };
+        // SAFETY: `ts` is writable, per this function's contract (checked non-null).
+        unsafe { std::ptr::write_unaligned(ts, v) };
+        Ok(0)
+    })
+}
+
+/// Sets how long a send without a thunk waits for a network that fits exactly `labels`
+/// (`{-1, 0}`: without end; null: the policy's again).
+///
+/// # Safety
+/// `ts` must point to a readable `struct timespec`, or be null.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cmm_set_failure_timeout(
+    sock: mc_socket_t,
+    labels: c_ulong,
+    ts: *const libc::timespec,
+) -> c_int {
+    guard(CMM_FAILED, || {
+        let ms = entry(sock)?.connected()?;
+        let labels = labels_of(labels)?;
+        let wait = if ts.is_null() {
+            None
+        } else {
+            // SAFETY: a non-null `ts` is readable, per this function's contract.
+            let t = unsafe { std::ptr::read_unaligned(ts) };
+            if t.tv_sec < 0 {
+                Some(FOREVER)
+            } else if !(0..1_000_000_000).contains(&t.tv_nsec) {
+                return Err(Errno::EINVAL);
+            } else {
+                Some(std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32).min(FOREVER))
+            }
+        };
+        ms.set_failure_timeout(labels, wait);
+        Ok(0)
+    })
+}
+
 /// Shuts down sending (`SHUT_WR`, `SHUT_RDWR`); `SHUT_RD` does nothing.
 #[unsafe(no_mangle)]
 pub extern "C" fn cmm_shutdown(sock: mc_socket_t, how: c_int) -> c_int {
@@ -1270,6 +1334,10 @@ mod tests {
             *mut c_void,
             Option<unsafe extern "C" fn(*mut c_void)>,
         ) -> c_int = cmm_thunk_cancel;
+        let _: unsafe extern "C" fn(mc_socket_t, c_ulong, *mut libc::timespec) -> c_int =
+            cmm_get_failure_timeout;
+        let _: unsafe extern "C" fn(mc_socket_t, c_ulong, *const libc::timespec) -> c_int =
+            cmm_set_failure_timeout;
         let _: unsafe extern "C" fn(mc_socket_t, c_int) -> c_int = cmm_shutdown;
         let _: unsafe extern "C" fn(mc_socket_t) -> c_int = cmm_close;
         assert_eq!((CMM_FAILED, CMM_DEFERRED), (-1, -2));

@@ -106,7 +106,7 @@ pub(crate) async fn send_cmm(
             Err(io::Error::new(io::ErrorKind::WouldBlock, "the send timeout passed with no room"))
         }
     };
-    let max_wait = s.connector.policy().max_wait(labels);
+    let max_wait = s.max_wait(labels);
     let mut no_network_since: Option<tokio::time::Instant> = None;
     let mut off = 0;
     while off < len {
@@ -574,6 +574,24 @@ impl MultiSocket {
         match self.mode() {
             Mode::Plain(_) => false,
             Mode::Cmm(s) => s.lock().session.readable(),
+        }
+    }
+
+    /// How long a send (or check) without a thunk waits for a network that fits `labels`
+    /// before it fails: the label policy's `max_wait` unless set here (cmm mode; plain mode
+    /// always uses the policy's).
+    pub fn failure_timeout(&self, labels: Labels) -> Duration {
+        match self.mode() {
+            Mode::Cmm(s) => s.max_wait(labels),
+            Mode::Plain(p) => p.max_wait(labels),
+        }
+    }
+
+    /// Sets how long calls without a thunk wait for a network that fits exactly `labels`
+    /// (`None`: the policy's again). Ignored in plain mode.
+    pub fn set_failure_timeout(&self, labels: Labels, wait: Option<Duration>) {
+        if let Mode::Cmm(s) = self.mode() {
+            s.set_max_wait(labels, wait);
         }
     }
 

@@ -54,6 +54,11 @@ pub(crate) struct PlainSocket {
 }
 
 impl PlainSocket {
+    /// The policy's wait for a network that fits `labels`.
+    pub(crate) fn max_wait(&self, labels: Labels) -> std::time::Duration {
+        self.connector.policy().max_wait(labels)
+    }
+
     /// Connects to `target` for `labels`, waiting for a network up to the policy's wait.
     pub(crate) async fn connect(
         connector: Connector,

@@ -192,7 +192,7 @@ impl AsyncWrite for Stream {
                     self.write_wait = Some(w);
                 }
                 Err(SendError::NoNetwork) => {
-                    let max_wait = self.sock.connector.policy().max_wait(labels);
+                    let max_wait = self.sock.max_wait(labels);
                     let since = *self.no_network_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= max_wait {
                         self.no_network_since = None;

@@ -70,7 +70,7 @@ fn the_header_declares_exactly_what_the_library_exports() {
         .filter_map(|l| l.split_whitespace().last().filter(|n| n.starts_with("cmm_")).map(String::from))
         .collect();
     exported.sort();
-    assert_eq!(declared.len(), 21, "{declared:?}");
+    assert_eq!(declared.len(), 23, "{declared:?}");
     assert_eq!(declared, exported);
 
     // The header pins every signature and constant (-Werror), links, and runs.
@@ -259,7 +259,7 @@ fn c_conformance_suite() {
     let server = lab.spawn_command(cmd);
     server.wait_for_line("listening on 7200", Duration::from_secs(60));
     let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
-    for case in ["waitall", "peek", "nonblock", "plainfd", "timeouts"] {
+    for case in ["waitall", "peek", "nonblock", "plainfd", "timeouts", "failtimeout"] {
         let mut cmd = lab.command(&lab.client(), &client_bin);
         cmd.args([case, "10.3.0.2", "7200"]).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
         let stdout = run_client(cmd, &server);

@@ -151,6 +151,32 @@ static void plainfd(void) {
     if (cmm_close(p[0]) != -1 || errno != EBADF) FAIL("a second close is not EBADF");
 }
 
+/* cmm_set_failure_timeout: a send no network can take fails after the timeout set for its
+ * labels, not the policy's (background is kept off the metered cellular link, and
+ * THREEG_ONLY keeps it off Wi-Fi). */
+static void failtimeout(void) {
+    mc_socket_t s = connect_echo();
+    unsigned long nowhere = CMM_LABEL_BACKGROUND | CMM_LABEL_THREEG_ONLY;
+    struct timespec def = {0}, one = {.tv_sec = 1, .tv_nsec = 0}, back = {0};
+    if (cmm_get_failure_timeout(s, nowhere, &def) != 0) FAIL("get_failure_timeout");
+    if (def.tv_sec < 2 && def.tv_sec != -1) FAIL("the policy's wait is only %ld s", (long)def.tv_sec);
+    if (cmm_set_failure_timeout(s, nowhere, &one) != 0) FAIL("set_failure_timeout");
+    if (cmm_get_failure_timeout(s, nowhere, &back) != 0 || back.tv_sec != 1 || back.tv_nsec != 0) FAIL("read back");
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (cmm_send(s, "x", 1, 0, nowhere, NULL, NULL) != -1 || errno != ETIMEDOUT)
+        FAIL("a send no network can take did not fail with ETIMEDOUT");
+    double waited = since(&t0);
+    if (waited < 0.9 || waited > 10) FAIL("it failed after %.3f s, not 1 s", waited);
+    struct timespec forever = {.tv_sec = -1, .tv_nsec = 0};
+    if (cmm_set_failure_timeout(s, nowhere, &forever) != 0 || cmm_get_failure_timeout(s, nowhere, &back) != 0 || back.tv_sec != -1)
+        FAIL("without end");
+    if (cmm_set_failure_timeout(s, nowhere, NULL) != 0 || cmm_get_failure_timeout(s, nowhere, &back) != 0 ||
+        back.tv_sec != def.tv_sec)
+        FAIL("the policy's again");
+    cmm_close(s);
+}
+
 /* The client of accept_poll.c: two multi-sockets, 3 s apart, each over every network. */
 static void twoconnections(void) {
     mc_socket_t a = connect_echo();
@@ -174,6 +200,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(c, "plainfd")) plainfd();
     else if (!strcmp(c, "timeouts")) timeouts();
     else if (!strcmp(c, "twoconnections")) twoconnections();
+    else if (!strcmp(c, "failtimeout")) failtimeout();
     else FAIL("unknown case %s", c);
     printf("ok %s\n", c);
     return 0;

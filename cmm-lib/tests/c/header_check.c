@@ -46,6 +46,8 @@ static int (*p_getsockname)(mc_socket_t, struct sockaddr *, socklen_t *) = cmm_g
 static int (*p_check_label)(mc_socket_t, unsigned long, resume_handler_t, void *) = cmm_check_label;
 static int (*p_reset)(mc_socket_t) = cmm_reset;
 static int (*p_thunk_cancel)(mc_socket_t, unsigned long, resume_handler_t, void *, void (*)(void *)) = cmm_thunk_cancel;
+static int (*p_get_failure_timeout)(mc_socket_t, unsigned long, struct timespec *) = cmm_get_failure_timeout;
+static int (*p_set_failure_timeout)(mc_socket_t, unsigned long, const struct timespec *) = cmm_set_failure_timeout;
 static int (*p_shutdown)(mc_socket_t, int) = cmm_shutdown;
 static int (*p_close)(mc_socket_t) = cmm_close;
 
@@ -53,7 +55,8 @@ int main(void) {
     /* Linked, not only compiled: every symbol must exist in the library. */
     void *all[] = {p_socket, p_connect, p_connect3, p_listen, p_accept, p_send, p_write, p_writev, p_read,
                    p_recv, p_select, p_poll, p_getsockopt, p_setsockopt, p_getpeername,
-                   p_getsockname, p_check_label, p_reset, p_thunk_cancel, p_shutdown, p_close};
+                   p_getsockname, p_check_label, p_reset, p_thunk_cancel, p_get_failure_timeout,
+                   p_set_failure_timeout, p_shutdown, p_close};
     for (unsigned i = 0; i < sizeof all / sizeof all[0]; i++)
         if (!all[i]) return 1;
     /* A bad descriptor is EBADF, not a crash. */
