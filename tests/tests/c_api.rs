@@ -141,27 +141,31 @@ fn server_ends_cleanly(server: &cmm_lab::Proc) {
     assert!(status.success(), "server: {status:?}\n{}", server.output());
 }
 
+/// The program and arguments that run `bin`, under valgrind (invalid accesses and definite
+/// leaks are errors, exit code 99) when `valgrind`.
+fn under_valgrind(bin: &Path, valgrind: bool) -> (String, Vec<String>) {
+    if valgrind {
+        let args = [
+            "--quiet",
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+        ];
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.push(bin.display().to_string());
+        ("valgrind".into(), v)
+    } else {
+        (bin.display().to_string(), Vec::new())
+    }
+}
+
 fn run_c_programs(test: &str, valgrind: bool) {
     let Some(lab) = Lab::new(test) else { return };
     let (server_bin, client_bin) = (lab.dir().join("server"), lab.dir().join("client"));
     compile("server.c", &server_bin);
     compile("client.c", &client_bin);
-    let vg = |bin: &Path| -> (String, Vec<String>) {
-        if valgrind {
-            let args = [
-                "--quiet",
-                "--error-exitcode=99",
-                "--leak-check=full",
-                "--errors-for-leak-kinds=definite",
-                "--show-leak-kinds=definite",
-            ];
-            let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            v.push(bin.display().to_string());
-            ("valgrind".into(), v)
-        } else {
-            (bin.display().to_string(), Vec::new())
-        }
-    };
+    let vg = |bin: &Path| under_valgrind(bin, valgrind);
     let (prog, mut args) = vg(&server_bin);
     args.push("7100".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -249,7 +253,21 @@ fn c_client_outlives_total_outages() {
 /// alarm, so a missing feature fails rather than hangs.
 #[test]
 fn c_conformance_suite() {
-    let Some(lab) = Lab::new("c_conformance_suite") else { return };
+    run_conformance("c_conformance_suite", false);
+}
+
+#[test]
+fn c_conformance_suite_is_clean_under_valgrind() {
+    if !has_valgrind() {
+        assert!(!cmm_lab::under_ci(), "CI must have valgrind");
+        eprintln!("SKIPPED: no valgrind");
+        return;
+    }
+    run_conformance("c_conformance_suite_is_clean_under_valgrind", true);
+}
+
+fn run_conformance(test: &str, valgrind: bool) {
+    let Some(lab) = Lab::new(test) else { return };
     let (server_bin, client_bin) = (lab.dir().join("echo_server"), lab.dir().join("conformance"));
     compile("echo_server.c", &server_bin);
     compile("conformance.c", &client_bin);
@@ -260,8 +278,10 @@ fn c_conformance_suite() {
     server.wait_for_line("listening on 7200", Duration::from_secs(60));
     let config = lab.write_file("libcmm.toml", &cmm_lab::config(CLIENT_SETTINGS));
     for case in ["waitall", "peek", "nonblock", "plainfd", "timeouts", "failtimeout"] {
-        let mut cmd = lab.command(&lab.client(), &client_bin);
-        cmd.args([case, "10.3.0.2", "7200"]).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
+        let (prog, mut args) = under_valgrind(&client_bin, valgrind);
+        args.extend([case.to_string(), "10.3.0.2".into(), "7200".into()]);
+        let mut cmd = lab.command(&lab.client(), &prog);
+        cmd.args(&args).env("CMM_CONFIG", &config).env("RUST_LOG", &log);
         let stdout = run_client(cmd, &server);
         assert!(stdout.contains(&format!("ok {case}")), "{case}: {stdout}");
     }
